@@ -1,0 +1,1 @@
+"""Framework adapters for jest_stream (installed as ``jest_stream.integrations``)."""
