@@ -1,0 +1,92 @@
+"""jest_stream: joint example selection (JEST, Flexi-JEST) as a data loader.
+
+Wraps a mosaicml-streaming ``StreamingDataset`` (or any map-style Dataset), draws
+super-batches, scores every example with the model being trained and a frozen
+reference, and hands the most learnable sub-batch to the trainer.
+"""
+
+from jest_stream.batch import collate_samples, gather
+from jest_stream.criteria import CRITERIA, Criterion, get_criterion
+from jest_stream.losses import (
+    infonce_conditional_losses,
+    per_example_cross_entropy,
+    sigmoid_pair_losses,
+)
+from jest_stream.reference import ColumnReference, ReferenceTable, freeze
+from jest_stream.scores import (
+    SELECTION_METHODS,
+    BatchScores,
+    Embeddings,
+    PerExampleScores,
+    SigmoidPairScores,
+    SoftmaxScores,
+    get_selection_method,
+)
+from jest_stream.scoring import (
+    ClassificationScorer,
+    ContrastiveScorer,
+    ScoreError,
+    Scorer,
+)
+from jest_stream.selection import (
+    joint_select,
+    joint_select_incremental,
+    joint_select_softmax,
+    sample_select,
+    topk_select,
+    uniform_select,
+)
+
+__version__ = '0.1.0'
+
+# These need mosaicml-streaming, which takes seconds to import: they load on first use,
+# so that a scorer process (which never reads a dataset) starts quickly.
+_LAZY = {
+    'SelectiveLoader': 'jest_stream.loader',
+    'super_batch_size_for': 'jest_stream.loader',
+    'SampleIdStreamingDataset': 'jest_stream.source',
+    'ID_KEY': 'jest_stream.source',
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+
+__all__ = [
+    'BatchScores',
+    'CRITERIA',
+    'ClassificationScorer',
+    'ColumnReference',
+    'ContrastiveScorer',
+    'Criterion',
+    'Embeddings',
+    'ID_KEY',
+    'PerExampleScores',
+    'ReferenceTable',
+    'SELECTION_METHODS',
+    'SampleIdStreamingDataset',
+    'ScoreError',
+    'Scorer',
+    'SelectiveLoader',
+    'SigmoidPairScores',
+    'SoftmaxScores',
+    'collate_samples',
+    'freeze',
+    'gather',
+    'get_criterion',
+    'get_selection_method',
+    'infonce_conditional_losses',
+    'joint_select',
+    'joint_select_incremental',
+    'joint_select_softmax',
+    'per_example_cross_entropy',
+    'sample_select',
+    'sigmoid_pair_losses',
+    'super_batch_size_for',
+    'topk_select',
+    'uniform_select',
+]

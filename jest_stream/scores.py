@@ -1,0 +1,275 @@
+"""What a scorer hands to the selector, and the selection methods over it.
+
+A scorer returns :class:`BatchScores` for one super-batch of ``B`` candidates:
+per-example scores (classification, language modelling), pair scores of the
+sigmoid loss, or the conditional scores of the softmax loss. The selection
+methods (``joint``, ``topk``, ``sample``, ``uniform``) take any of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+from jest_stream.criteria import Criterion
+from jest_stream.losses import InfoNCEConditional, sigmoid_pair_losses
+from jest_stream.selection import (
+    CombinedConditional,
+    joint_select_incremental,
+    joint_select_softmax,
+    sample_select,
+    topk_select,
+    uniform_select,
+)
+
+__all__ = [
+    'BatchScores',
+    'PerExampleScores',
+    'SigmoidPairScores',
+    'SoftmaxScores',
+    'Embeddings',
+    'SELECTION_METHODS',
+    'get_selection_method',
+    'select',
+]
+
+
+@runtime_checkable
+class BatchScores(Protocol):
+    """Scores of one super-batch, in whatever form the loss allows.
+
+    ``self_scores`` is each candidate's own score (the diagonal for pair scores), used for
+    statistics; ``per_example`` is its score for independent selection; ``select_jointly``
+    runs the blocked joint sampler.
+    """
+
+    size: int
+
+    def self_scores(self) -> Tensor:
+        ...
+
+    def per_example(self) -> Tensor:
+        ...
+
+    def select_jointly(self, n_select: int, *, n_chunks: int, temperature: float,
+                       generator: torch.Generator) -> Tensor:
+        ...
+
+
+class PerExampleScores:
+    """Per-example scores ``Tensor[B]``: the batch score is their sum.
+
+    Joint selection has no pair terms to condition on here, so it is blocked
+    sampling from the softmax of the scores, the same distribution as ``sample``.
+    """
+
+    def __init__(self, scores: Tensor) -> None:
+        self.scores = scores
+        self.size = int(scores.shape[0])
+
+    def self_scores(self) -> Tensor:
+        return self.scores
+
+    def per_example(self) -> Tensor:
+        return self.scores
+
+    # PairScores view of a diagonal matrix, so the joint sampler runs unchanged.
+    def diagonal(self) -> Tensor:
+        return self.scores
+
+    def columns(self, idx: Tensor) -> Tensor:
+        return self.scores.new_zeros(self.size, len(idx))
+
+    def rows(self, idx: Tensor) -> Tensor:
+        return self.scores.new_zeros(len(idx), self.size)
+
+    def materialise(self) -> Tensor:
+        return torch.diag(self.scores)
+
+    def select_jointly(self, n_select: int, *, n_chunks: int, temperature: float,
+                       generator: torch.Generator) -> Tensor:
+        return joint_select_incremental(self, n_select, n_chunks=n_chunks,
+                                        temperature=temperature, generator=generator)
+
+
+class Embeddings:
+    """Two-tower outputs for ``B`` pairs.
+
+    Args:
+        image (Tensor[B, d]): L2-normalised image embeddings.
+        text (Tensor[B, d]): L2-normalised text embeddings.
+        temperature (float | Tensor): Learned temperature ``t`` (a scale, not its log).
+        bias (float | Tensor): Learned bias ``c`` (sigmoid loss only; 0 for softmax).
+    """
+
+    def __init__(self, image: Tensor, text: Tensor, temperature: float | Tensor,
+                 bias: float | Tensor = 0.0) -> None:
+        self.image = image
+        self.text = text
+        self.temperature = float(temperature)
+        self.bias = float(bias)
+
+    def to(self, dtype: torch.dtype) -> Embeddings:
+        return Embeddings(self.image.to(dtype), self.text.to(dtype), self.temperature, self.bias)
+
+
+class SigmoidPairScores:
+    """Pair scores ``A = w_l * l(learner) + w_r * l(reference)`` of the sigmoid loss.
+
+    Blocks of ``A`` are computed from the embeddings on demand, so the joint
+    sampler needs ``O(B c)`` memory per chunk and never the ``B x B`` matrix.
+
+    Args:
+        learner (Embeddings | None): Learner embeddings (None when the criterion ignores it).
+        reference (Embeddings | None): Reference embeddings (None when ignored).
+        criterion (Criterion): How to combine the two.
+        block_size (int): Rows per block when computing ``per_example`` scores.
+    """
+
+    def __init__(self, learner: Embeddings | None, reference: Embeddings | None,
+                 criterion: Criterion, *, block_size: int = 1024) -> None:
+        self.terms = [(criterion.learner_weight, learner), (criterion.reference_weight, reference)]
+        self.terms = [(w, e) for w, e in self.terms if w != 0.0]
+        if any(e is None for _, e in self.terms):
+            raise ValueError(f'criterion {criterion.name!r} needs embeddings it was not given')
+        self.size = int(self.terms[0][1].image.shape[0])
+        self.block_size = block_size
+
+    def _block(self, rows: Tensor | None, cols: Tensor | None) -> Tensor:
+        total = None
+        for weight, emb in self.terms:
+            block = sigmoid_pair_losses(emb.image, emb.text, emb.temperature, emb.bias,
+                                        rows=rows, cols=cols) * weight
+            total = block if total is None else total + block
+        return total
+
+    def diagonal(self) -> Tensor:
+        total = None
+        for weight, emb in self.terms:
+            logits = emb.temperature * (emb.image * emb.text).sum(-1) + emb.bias
+            term = torch.nn.functional.softplus(-logits) * weight
+            total = term if total is None else total + term
+        return total
+
+    def columns(self, idx: Tensor) -> Tensor:
+        return self._block(None, idx)
+
+    def rows(self, idx: Tensor) -> Tensor:
+        return self._block(idx, None)
+
+    def materialise(self) -> Tensor:
+        return self._block(None, None)
+
+    def self_scores(self) -> Tensor:
+        return self.diagonal()
+
+    def per_example(self) -> Tensor:
+        """Each candidate's share of the super-batch loss: its row and column of ``A``."""
+        device = self.terms[0][1].image.device
+        total = torch.zeros(self.size, dtype=self.terms[0][1].image.dtype, device=device)
+        for start in range(0, self.size, self.block_size):
+            idx = torch.arange(start, min(start + self.block_size, self.size), device=device)
+            total[idx] += self.rows(idx).sum(1)
+            total += self.columns(idx).sum(1)
+        return total - self.diagonal()
+
+    def select_jointly(self, n_select: int, *, n_chunks: int, temperature: float,
+                       generator: torch.Generator) -> Tensor:
+        return joint_select_incremental(self, n_select, n_chunks=n_chunks,
+                                        temperature=temperature, generator=generator)
+
+
+class SoftmaxScores:
+    """Scores of the softmax (InfoNCE) loss, which does not split into pair terms.
+
+    A candidate is scored by its InfoNCE loss (both directions) against the
+    already-selected set as negatives, learner minus reference. Its independent
+    score uses the whole super-batch as negatives.
+    """
+
+    def __init__(self, learner: Embeddings | None, reference: Embeddings | None,
+                 criterion: Criterion) -> None:
+        self.terms = [(criterion.learner_weight, learner), (criterion.reference_weight, reference)]
+        self.terms = [(w, e) for w, e in self.terms if w != 0.0]
+        if any(e is None for _, e in self.terms):
+            raise ValueError(f'criterion {criterion.name!r} needs embeddings it was not given')
+        self.size = int(self.terms[0][1].image.shape[0])
+
+    def _conditional(self) -> CombinedConditional:
+        return CombinedConditional([
+            (weight, InfoNCEConditional(emb.image, emb.text, emb.temperature))
+            for weight, emb in self.terms])
+
+    def self_scores(self) -> Tensor:
+        return self.per_example()
+
+    def per_example(self) -> Tensor:
+        conditional = self._conditional()
+        device = self.terms[0][1].image.device
+        conditional.add(torch.arange(self.size, device=device))
+        return conditional.current()
+
+    def select_jointly(self, n_select: int, *, n_chunks: int, temperature: float,
+                       generator: torch.Generator) -> Tensor:
+        return joint_select_softmax(self._conditional(), n_select, n_chunks=n_chunks,
+                                    temperature=temperature, generator=generator)
+
+
+def _joint(scores: BatchScores | None, n_candidates: int, n_select: int, *, n_chunks: int,
+           temperature: float, generator: torch.Generator) -> Tensor:
+    return scores.select_jointly(n_select, n_chunks=n_chunks, temperature=temperature,
+                                 generator=generator)
+
+
+def _topk(scores: BatchScores | None, n_candidates: int, n_select: int, *, n_chunks: int,
+          temperature: float, generator: torch.Generator) -> Tensor:
+    return topk_select(scores.per_example(), n_select)
+
+
+def _sample(scores: BatchScores | None, n_candidates: int, n_select: int, *, n_chunks: int,
+            temperature: float, generator: torch.Generator) -> Tensor:
+    return sample_select(scores.per_example(), n_select, temperature=temperature,
+                         generator=generator)
+
+
+def _uniform(scores: BatchScores | None, n_candidates: int, n_select: int, *, n_chunks: int,
+             temperature: float, generator: torch.Generator) -> Tensor:
+    return uniform_select(n_candidates, n_select, generator=generator)
+
+
+SelectionMethod = Callable[..., Tensor]
+
+SELECTION_METHODS: dict[str, SelectionMethod] = {
+    'joint': _joint,
+    'topk': _topk,
+    'sample': _sample,
+    'uniform': _uniform,
+}
+
+
+def get_selection_method(name: str) -> SelectionMethod:
+    """Look up a selection method by name.
+
+    Args:
+        name (str): ``joint`` (blocked joint sampling over pair scores), ``topk`` (greedy
+            independent), ``sample`` (independent sampling from the softmax of the
+            scores) or ``uniform`` (no scores).
+
+    Returns:
+        Callable: ``fn(scores, n_candidates, n_select, *, n_chunks, temperature, generator)``.
+    """
+    if name not in SELECTION_METHODS:
+        raise ValueError(f'method={name!r} is not known; choose one of {sorted(SELECTION_METHODS)}')
+    return SELECTION_METHODS[name]
+
+
+def select(scores: BatchScores | None, n_candidates: int, n_select: int, *, method: str,
+           n_chunks: int, temperature: float, generator: torch.Generator) -> Tensor:
+    """Indices of the ``n_select`` candidates to keep, ``LongTensor[n_select]`` on the CPU."""
+    indices = get_selection_method(method)(
+        scores, n_candidates, n_select, n_chunks=n_chunks, temperature=temperature,
+        generator=generator)
+    return indices.cpu()

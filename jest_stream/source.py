@@ -1,0 +1,238 @@
+"""Super-batches with global sample ids, from a StreamingDataset or a map-style Dataset.
+
+A source reads one epoch at a time in super-batches of ``B`` samples (per rank)
+through a ``torch.utils.data.DataLoader`` with workers, and knows how to resume
+an epoch after a given number of super-batches.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+from streaming import StreamingDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+from jest_stream.batch import Batch, collate_samples
+from jest_stream.randomness import SHUFFLE, derive_generator
+
+__all__ = [
+    'ID_KEY',
+    'SampleIdStreamingDataset',
+    'SuperBatchSource',
+    'StreamingSource',
+    'MapSource',
+    'make_source',
+    'sample_ids_of',
+]
+
+ID_KEY = 'sample_id'
+
+
+class SampleIdStreamingDataset(StreamingDataset):
+    """A ``StreamingDataset`` whose samples carry their global sample id.
+
+    The id is the sample's index in the whole dataset (all streams, all shards), the key
+    of the reference cache. It is added under ``sample_id``; a dataset that already
+    has a column of that name is refused rather than overwritten.
+    """
+
+    def get_item(self, sample_id: int, retry: int = 7) -> Any:
+        sample = super().get_item(sample_id, retry)
+        if ID_KEY in sample:
+            raise ValueError(
+                f'the dataset already has a column named {ID_KEY!r}; use a plain StreamingDataset '
+                f'and pass id_key={ID_KEY!r} to the loader to use that column as the sample id')
+        sample = dict(sample)
+        sample[ID_KEY] = sample_id
+        return sample
+
+
+def sample_ids_of(batch: Batch, id_key: str | int) -> torch.Tensor:
+    """The global sample ids of ``batch`` as ``LongTensor[B]``.
+
+    Dict batches carry them in the column ``id_key``; tuple batches as their last field.
+    """
+    if isinstance(batch, Mapping):
+        if id_key not in batch:
+            raise KeyError(
+                f'the samples carry no {id_key!r} column, so selection cannot name them. '
+                f'Build the dataset as jest_stream.SampleIdStreamingDataset (it adds the global '
+                f'sample id), or store an id column and pass its name as id_key=...')
+        ids = batch[id_key]
+    else:
+        ids = batch[-1]
+    ids = torch.as_tensor(ids)
+    if ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f'sample ids must be integers, got {ids.dtype} in column {id_key!r}')
+    return ids.long()
+
+
+class SuperBatchSource:
+    """Base of the sources: one epoch of super-batches, resumable after ``start`` of them."""
+
+    super_batch_size: int
+    rank: int
+    world_size: int
+
+    def samples_per_rank(self) -> int:
+        raise NotImplementedError
+
+    def super_batches_per_epoch(self) -> int:
+        return math.ceil(self.samples_per_rank() / self.super_batch_size)
+
+    def iter_epoch(self, epoch: int, start: int) -> Iterator[Batch]:
+        raise NotImplementedError
+
+    def dataset_state(self, epoch: int, consumed: int) -> dict[str, Any] | None:
+        """What the dataset needs to resume ``epoch`` after ``consumed`` super-batches."""
+        return None
+
+    def load_dataset_state(self, state: dict[str, Any] | None) -> None:
+        """Prepare the underlying dataset to resume from ``state`` at its next epoch."""
+
+
+class StreamingSource(SuperBatchSource):
+    """Super-batches from a ``StreamingDataset`` built with ``batch_size=B``.
+
+    Streaming partitions each epoch into chunks of its ``batch_size`` dealt
+    round-robin to the workers, so the inner DataLoader must read the same ``B``;
+    resumption is then exact at any super-batch boundary.
+    """
+
+    def __init__(self, dataset: StreamingDataset, *, super_batch_size: int, num_workers: int,
+                 pin_memory: bool, prefetch_factor: int | None, timeout: float) -> None:
+        if dataset.batch_size != super_batch_size:
+            raise ValueError(
+                f'StreamingDataset(batch_size={dataset.batch_size}) must equal the super-batch '
+                f'size B = batch_size / (1 - filter_ratio) = {super_batch_size}: streaming deals '
+                f'chunks of its batch_size to the workers, and a different read size breaks exact '
+                f'resumption. Build the dataset with batch_size={super_batch_size}.')
+        self.dataset = dataset
+        self.super_batch_size = super_batch_size
+        world = dataset._parallel_rank_world  # noqa: SLF001 - streaming's own view of the ranks
+        self.rank = world.rank
+        self.world_size = world.num_ranks
+        self._loader = DataLoader(
+            dataset, batch_size=super_batch_size, num_workers=num_workers,
+            collate_fn=collate_samples, pin_memory=pin_memory, drop_last=False,
+            prefetch_factor=prefetch_factor if num_workers else None,
+            timeout=timeout if num_workers else 0)
+
+    def samples_per_rank(self) -> int:
+        return len(self.dataset)
+
+    def iter_epoch(self, epoch: int, start: int) -> Iterator[Batch]:
+        first = True
+        for batch in self._loader:
+            if first:
+                streaming_epoch = self.dataset.next_epoch - 1
+                if streaming_epoch != epoch:
+                    raise RuntimeError(
+                        f'the StreamingDataset is in epoch {streaming_epoch} but the loader '
+                        f'expected epoch {epoch}: every iter() of a StreamingDataset starts a '
+                        f'new epoch, so only the jest_stream loader may iterate it. Give the '
+                        f'loader a dataset nothing else reads, and load resume state into a '
+                        f'fresh one.')
+                first = False
+            yield batch
+
+    def dataset_state(self, epoch: int, consumed: int) -> dict[str, Any]:
+        raw = consumed * self.super_batch_size * self.world_size
+        state = self.dataset.state_dict(num_samples=raw, from_beginning=True)
+        state['epoch'] = epoch
+        state['sample_in_epoch'] = raw
+        return state
+
+    def load_dataset_state(self, state: dict[str, Any] | None) -> None:
+        if state is not None:
+            self.dataset.load_state_dict(state)
+
+
+class _IndexedDataset(Dataset):
+    """A map-style dataset whose samples carry their index as the sample id."""
+
+    def __init__(self, dataset: Dataset, id_key: str) -> None:
+        self.dataset = dataset
+        self.id_key = id_key
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> Any:
+        sample = self.dataset[index]
+        if isinstance(sample, Mapping):
+            sample = dict(sample)
+            sample[self.id_key] = index
+            return sample
+        if isinstance(sample, (tuple, list)):
+            return (*sample, index)
+        return (sample, index)
+
+
+class MapSource(SuperBatchSource):
+    """Super-batches from a map-style ``Dataset``, shuffled per epoch by a derived generator.
+
+    Each epoch is a permutation of the indices cut into global super-batches of
+    ``B * world_size``; rank ``r`` reads the ``r``-th of ``world_size`` equal parts of each.
+    """
+
+    def __init__(self, dataset: Dataset, *, super_batch_size: int, shuffle: bool, seed: int,
+                 rank: int, world_size: int, num_workers: int, pin_memory: bool,
+                 prefetch_factor: int | None, timeout: float, id_key: str) -> None:
+        self.dataset = _IndexedDataset(dataset, id_key)
+        self.super_batch_size = super_batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.prefetch_factor = prefetch_factor
+        self.timeout = timeout
+
+    def samples_per_rank(self) -> int:
+        return math.ceil(len(self.dataset) / self.world_size)
+
+    def super_batches_per_epoch(self) -> int:
+        return math.ceil(len(self.dataset) / (self.super_batch_size * self.world_size))
+
+    def _rank_batches(self, epoch: int) -> list[list[int]]:
+        n = len(self.dataset)
+        if self.shuffle:
+            order = torch.randperm(n, generator=derive_generator(self.seed, SHUFFLE, epoch))
+        else:
+            order = torch.arange(n)
+        global_size = self.super_batch_size * self.world_size
+        return [torch.tensor_split(chunk, self.world_size)[self.rank].tolist()
+                for chunk in order.split(global_size)]
+
+    def iter_epoch(self, epoch: int, start: int) -> Iterator[Batch]:
+        batches = [b for b in self._rank_batches(epoch)[start:] if b]
+        loader = DataLoader(
+            self.dataset, batch_sampler=batches, num_workers=self.num_workers,
+            collate_fn=collate_samples, pin_memory=self.pin_memory,
+            prefetch_factor=self.prefetch_factor if self.num_workers else None,
+            timeout=self.timeout if self.num_workers else 0)
+        yield from loader
+
+
+def make_source(dataset: Dataset | StreamingDataset, *, super_batch_size: int, shuffle: bool,
+                seed: int, rank: int, world_size: int, num_workers: int, pin_memory: bool,
+                prefetch_factor: int | None, timeout: float, id_key: str) -> SuperBatchSource:
+    """The source that fits ``dataset``: streaming, or map-style with ``__len__``."""
+    if isinstance(dataset, StreamingDataset):
+        return StreamingSource(dataset, super_batch_size=super_batch_size,
+                               num_workers=num_workers, pin_memory=pin_memory,
+                               prefetch_factor=prefetch_factor, timeout=timeout)
+    if isinstance(dataset, IterableDataset) or not hasattr(dataset, '__len__'):
+        raise TypeError(
+            f'dataset must be a StreamingDataset or a map-style torch Dataset with __len__, got '
+            f'{type(dataset).__name__}; write other iterables as MDS shards with '
+            f'streaming.MDSWriter')
+    return MapSource(dataset, super_batch_size=super_batch_size, shuffle=shuffle, seed=seed,
+                     rank=rank, world_size=world_size, num_workers=num_workers,
+                     pin_memory=pin_memory, prefetch_factor=prefetch_factor, timeout=timeout,
+                     id_key=id_key)
