@@ -172,8 +172,7 @@ class SigmoidPairScores:
         total = torch.zeros(self.size, dtype=self.terms[0][1].image.dtype, device=device)
         for start in range(0, self.size, self.block_size):
             idx = torch.arange(start, min(start + self.block_size, self.size), device=device)
-            total[idx] += self.rows(idx).sum(1)
-            total += self.columns(idx).sum(1)
+            total[idx] += self.rows(idx).sum(1) + self.columns(idx).sum(0)
         return total - self.diagonal()
 
     def select_jointly(self, n_select: int, *, n_chunks: int, temperature: float,

@@ -43,7 +43,8 @@ def write_mds(directory: Path, n: int, *, seed: int = 0, size_limit: int = 1 << 
         for i in range(n):
             sample = {'x': x[i], 'y': int(y[i])}
             if extra:
-                sample.update({name: values[i] for name, (_, values) in extra.items()})
+                sample.update({name: int(values[i]) if kind == 'int' else values[i]
+                               for name, (kind, values) in extra.items()})
             writer.write(sample)
     return directory
 
