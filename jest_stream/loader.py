@@ -26,12 +26,17 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from jest_stream.batch import Batch, batch_length, gather
 from jest_stream.criteria import Criterion, get_criterion
+from jest_stream.distributed import (
+    SELECTION_SCOPES,
+    CommStats,
+    global_score_and_select,
+    rank_and_world,
+)
 from jest_stream.pipeline import SelectionConfig, score_and_select
 from jest_stream.scorer_process import ProcessScoring, check_picklable, process_settings
 from jest_stream.scores import get_selection_method
@@ -86,7 +91,13 @@ class _LoaderPosition(IterableDataset):
 
     def state_dict(self, num_samples: int | None = None, from_beginning: bool = True
                    ) -> dict[str, Any]:
-        return self._loader.state_dict()
+        loader = self._loader
+        if num_samples and loader._consumed >= len(loader):
+            # A framework that checkpoints after the last batch of an epoch without having
+            # ended the epoch (Composer when training stops there) still counts this epoch:
+            # keep the position in it, so the epoch is not counted twice on resume.
+            return loader._state(loader._epoch, loader._consumed)
+        return loader.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._loader.load_state_dict(state)
@@ -96,12 +107,6 @@ class _LoaderPosition(IterableDataset):
 
     def __len__(self) -> int:
         return len(self._loader) * self._loader.batch_size
-
-
-def _distributed_rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def _learner_device(scorer: Any) -> torch.device:
@@ -158,6 +163,11 @@ class SelectiveLoader(DataLoader):
             ``sync_every - 1 + prefetch_depth``.
         prefetch_depth (int, optional): Process scoring: super-batches loaded, and as far
             as ``max_staleness`` allows scored, ahead of the trainer (default 2).
+        selection_scope (str): Under ``torch.distributed``: ``rank`` (default) selects each
+            rank's sub-batch from its own super-batch; ``global`` all-gathers the scores (or
+            embeddings) and selects ``world_size x batch_size`` examples jointly over the
+            global super-batch, each rank training its share (inline scoring only; see
+            :mod:`jest_stream.distributed`).
     """
 
     def __init__(self, dataset: Dataset, *, batch_size: int, filter_ratio: float | None = None,
@@ -170,7 +180,7 @@ class SelectiveLoader(DataLoader):
                  batch_transform: Callable[[Batch], Batch] | None = None,
                  count_flops: bool = False, scoring: str = 'inline',
                  sync_every: int | None = None, max_staleness: int | None = None,
-                 prefetch_depth: int | None = None) -> None:
+                 prefetch_depth: int | None = None, selection_scope: str = 'rank') -> None:
         if (filter_ratio is None) == (super_batch_size is None):
             raise ValueError('give exactly one of filter_ratio=... or super_batch_size=...')
         if super_batch_size is None:
@@ -199,6 +209,13 @@ class SelectiveLoader(DataLoader):
             raise ValueError(f'temperature={temperature!r} must be >= 0 (0 is greedy)')
         if not isinstance(num_workers, int) or num_workers < 0:
             raise ValueError(f'num_workers={num_workers!r} must be an int >= 0')
+        if selection_scope not in SELECTION_SCOPES:
+            raise ValueError(f'selection_scope={selection_scope!r} is not known; choose one of '
+                             f'{list(SELECTION_SCOPES)}')
+        if selection_scope == 'global' and scoring != 'inline':
+            raise ValueError('selection_scope="global" runs collectives in the trainer process, '
+                             'so it needs scoring="inline"; use selection_scope="rank" with '
+                             'scoring="process"')
         settings = process_settings(scoring, sync_every=sync_every, max_staleness=max_staleness,
                                     prefetch_depth=prefetch_depth)
         device = torch.device(device) if device is not None else _learner_device(scorer)
@@ -209,7 +226,7 @@ class SelectiveLoader(DataLoader):
             check_picklable(scorer)
         if pin_memory is None:
             pin_memory = device.type == 'cuda'
-        rank, world_size = _distributed_rank_world()
+        rank, world_size = rank_and_world()
         source = make_source(
             dataset, super_batch_size=big, shuffle=shuffle, seed=seed, rank=rank,
             world_size=world_size, num_workers=num_workers, pin_memory=pin_memory,
@@ -242,6 +259,8 @@ class SelectiveLoader(DataLoader):
         self.scoring = scoring
         self.process_settings = settings
         self._process: ProcessScoring | None = None
+        self.selection_scope = selection_scope
+        self._comm = CommStats()
 
     @property
     def filter_ratio(self) -> float:
@@ -298,16 +317,24 @@ class SelectiveLoader(DataLoader):
         """The position: the epoch and the super-batches of it handed to the trainer.
 
         Super-batches read or scored ahead are not counted: they are drawn again after a resume.
+        Once the last sub-batch of an epoch has been handed over, the position is the start of
+        the next epoch, whether or not the loop has asked the loader for more yet.
         """
+        epoch, consumed = self._epoch, self._consumed
+        if consumed >= len(self):
+            epoch, consumed = epoch + 1, 0
+        return self._state(epoch, consumed)
+
+    def _state(self, epoch: int, consumed: int) -> dict[str, Any]:
         return {
             'version': STATE_VERSION,
-            'epoch': self._epoch,
-            'super_batches': self._consumed,
+            'epoch': epoch,
+            'super_batches': consumed,
             'seed': self.seed,
             'batch_size': self.batch_size,
             'super_batch_size': self.super_batch_size,
             'world_size': self.source.world_size,
-            'dataset': self.source.dataset_state(self._epoch, self._consumed),
+            'dataset': self.source.dataset_state(epoch, consumed),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -318,12 +345,21 @@ class SelectiveLoader(DataLoader):
         if state.get('version') != STATE_VERSION:
             raise ValueError(f'loader state version {state.get("version")!r} is not '
                              f'{STATE_VERSION}; it was saved by an incompatible jest_stream')
-        for key, mine in (('seed', self.seed), ('super_batch_size', self.super_batch_size),
+        if state['seed'] != self.seed:
+            raise ValueError(f'the saved loader had seed={state["seed"]} but this one has '
+                             f'seed={self.seed}; resume with the same seed or selections will '
+                             f'not continue exactly')
+        world = self.source.world_size
+        for key, mine in (('super_batch_size', self.super_batch_size),
                           ('batch_size', self.batch_size)):
-            if state[key] != mine:
+            # Positions count global raw samples, so only the global sizes must match: a run
+            # may resume on another world size with the same global batch.
+            if state[key] * state['world_size'] != mine * world:
                 raise ValueError(
-                    f'the saved loader had {key}={state[key]} but this one has {key}={mine}; '
-                    f'resume with the same {key} or selections will not continue exactly')
+                    f'the saved loader had {key}={state[key]} on {state["world_size"]} rank(s) '
+                    f'(global {state[key] * state["world_size"]}) but this one has {key}={mine} '
+                    f'on {world} (global {mine * world}); resume with the same global '
+                    f'{key} or selections will not continue exactly')
         self._resume = (int(state['epoch']), int(state['super_batches']))
         self._epoch, self._consumed = self._resume
         self._next_epoch = self._epoch
@@ -383,6 +419,8 @@ class SelectiveLoader(DataLoader):
             self.telemetry.record_dropped(epoch=epoch, index=index, n=n,
                                           batch_size=self.batch_size)
             return None
+        if self.selection_scope == 'global':
+            return self._select_globally(batch, ids, epoch, index, timings)
         result = score_and_select(self.selection, self.scorer, batch, ids, epoch, index)
         start = time.perf_counter()
         sub = gather(batch, result.selected)
@@ -395,4 +433,19 @@ class SelectiveLoader(DataLoader):
                               selected=result.selected,
                               extra=None if result.score_flops is None
                               else {'score_flops': result.score_flops})
+        return sub
+
+    def _select_globally(self, batch: Batch, ids: torch.Tensor, epoch: int, index: int,
+                         timings: dict[str, float]) -> Batch:
+        before = CommStats(self._comm.bytes, self._comm.seconds)
+        sub, selected, self_scores, score_s, select_s = global_score_and_select(
+            self.selection, self.scorer, batch, ids, epoch, index, self._comm)
+        if self.batch_transform is not None:
+            sub = self.batch_transform(sub)
+        timings.update(score_s=score_s, select_s=select_s)
+        self.telemetry.record(
+            epoch=epoch, index=index, drawn=len(ids), yielded=self.batch_size, timings=timings,
+            scores=self_scores, selected=selected,
+            extra={'comm_bytes': self._comm.bytes - before.bytes,
+                   'comm_s': self._comm.seconds - before.seconds})
         return sub

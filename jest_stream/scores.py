@@ -76,6 +76,10 @@ class PerExampleScores:
     def per_example(self) -> Tensor:
         return self.scores
 
+    def map_rows(self, fn: Callable[[Tensor], Tensor]) -> PerExampleScores:
+        """The same scores with ``fn`` applied to the per-candidate tensor (reorder, gather)."""
+        return PerExampleScores(fn(self.scores))
+
     # PairScores view of a diagonal matrix, so the joint sampler runs unchanged.
     def diagonal(self) -> Tensor:
         return self.scores
@@ -115,6 +119,13 @@ class Embeddings:
     def to(self, dtype: torch.dtype) -> Embeddings:
         return Embeddings(self.image.to(dtype), self.text.to(dtype), self.temperature, self.bias)
 
+    def map_rows(self, fn: Callable[[Tensor], Tensor]) -> Embeddings:
+        return Embeddings(fn(self.image), fn(self.text), self.temperature, self.bias)
+
+
+def _map(embeddings: Embeddings | None, fn: Callable[[Tensor], Tensor]) -> Embeddings | None:
+    return None if embeddings is None else embeddings.map_rows(fn)
+
 
 class SigmoidPairScores:
     """Pair scores ``A = w_l * l(learner) + w_r * l(reference)`` of the sigmoid loss.
@@ -137,6 +148,12 @@ class SigmoidPairScores:
             raise ValueError(f'criterion {criterion.name!r} needs embeddings it was not given')
         self.size = int(self.terms[0][1].image.shape[0])
         self.block_size = block_size
+        self.learner, self.reference, self.criterion = learner, reference, criterion
+
+    def map_rows(self, fn: Callable[[Tensor], Tensor]) -> SigmoidPairScores:
+        """The same scores over candidates rearranged by ``fn`` (reorder, gather)."""
+        return SigmoidPairScores(_map(self.learner, fn), _map(self.reference, fn), self.criterion,
+                                 block_size=self.block_size)
 
     def _block(self, rows: Tensor | None, cols: Tensor | None) -> Tensor:
         total = None
@@ -196,6 +213,11 @@ class SoftmaxScores:
         if any(e is None for _, e in self.terms):
             raise ValueError(f'criterion {criterion.name!r} needs embeddings it was not given')
         self.size = int(self.terms[0][1].image.shape[0])
+        self.learner, self.reference, self.criterion = learner, reference, criterion
+
+    def map_rows(self, fn: Callable[[Tensor], Tensor]) -> SoftmaxScores:
+        """The same scores over candidates rearranged by ``fn`` (reorder, gather)."""
+        return SoftmaxScores(_map(self.learner, fn), _map(self.reference, fn), self.criterion)
 
     def _conditional(self) -> CombinedConditional:
         return CombinedConditional([

@@ -176,7 +176,8 @@ class MapSource(SuperBatchSource):
     """Super-batches from a map-style ``Dataset``, shuffled per epoch by a derived generator.
 
     Each epoch is a permutation of the indices cut into global super-batches of
-    ``B * world_size``; rank ``r`` reads the ``r``-th of ``world_size`` equal parts of each.
+    ``B * world_size``; rank ``r`` reads the ``r``-th of ``world_size`` equal parts of each,
+    so every rank reads the same number of super-batches of the same sizes.
     """
 
     def __init__(self, dataset: Dataset, *, super_batch_size: int, shuffle: bool, seed: int,
@@ -194,7 +195,7 @@ class MapSource(SuperBatchSource):
         self.timeout = timeout
 
     def samples_per_rank(self) -> int:
-        return math.ceil(len(self.dataset) / self.world_size)
+        return len(self.dataset) // self.world_size
 
     def super_batches_per_epoch(self) -> int:
         return math.ceil(len(self.dataset) / (self.super_batch_size * self.world_size))
@@ -206,8 +207,13 @@ class MapSource(SuperBatchSource):
         else:
             order = torch.arange(n)
         global_size = self.super_batch_size * self.world_size
-        return [torch.tensor_split(chunk, self.world_size)[self.rank].tolist()
-                for chunk in order.split(global_size)]
+        batches = []
+        for chunk in order.split(global_size):
+            # Equal shares keep the ranks in step: the few samples of a partial last chunk
+            # that do not divide among the ranks are left out of this epoch.
+            share = len(chunk) // self.world_size
+            batches.append(chunk[self.rank * share:(self.rank + 1) * share].tolist())
+        return batches
 
     def iter_epoch(self, epoch: int, start: int) -> Iterator[Batch]:
         batches = [b for b in self._rank_batches(epoch)[start:] if b]

@@ -1,0 +1,100 @@
+"""Entry points of the processes that the distributed tests spawn (gloo on the CPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from conftest import features_and_labels, tiny_classifier
+from torch.utils.data import TensorDataset
+
+from jest_stream import ClassificationScorer, SelectiveLoader
+
+
+def init(rank: int, world: int, port: int) -> None:
+    # torchrun-style environment: streaming reads the rank layout from it too.
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      LOCAL_WORLD_SIZE=str(world), MASTER_ADDR='127.0.0.1',
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group('gloo', rank=rank, world_size=world)
+
+
+def finish() -> None:
+    # A rank that tears down its group while a peer still reads its last message would
+    # leave that peer waiting: meet first.
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def map_dataset(n: int) -> TensorDataset:
+    x, y = features_and_labels(n)
+    return TensorDataset(torch.from_numpy(x), torch.from_numpy(y))
+
+
+def make_loader(dataset, *, world: int, global_super: int, global_batch: int, scope: str,
+                method: str = 'joint', **kwargs) -> SelectiveLoader:
+    scorer = ClassificationScorer(tiny_classifier(0), tiny_classifier(1), input_key=0,
+                                  target_key=1)
+    return SelectiveLoader(dataset, batch_size=global_batch // world,
+                           super_batch_size=global_super // world, scorer=scorer,
+                           method=method, n_chunks=3, seed=9, selection_scope=scope, **kwargs)
+
+
+def run_steps(loader: SelectiveLoader, steps: int, save_at: int | None = None
+              ) -> tuple[list[list[int]], dict | None]:
+    """Sample ids of ``steps`` sub-batches, and the loader state after ``save_at`` of them."""
+    out: list[list[int]] = []
+    state = None
+    while len(out) < steps:
+        for batch in loader:
+            out.append(batch[2].tolist())
+            if len(out) == save_at:
+                state = loader.state_dict()
+            if len(out) == steps:
+                break
+    return out, state
+
+
+def selection_worker(rank: int, world: int, port: int, out_dir: Path, scope: str,
+                     steps: int, resume_at: int | None) -> None:
+    """Runs ``steps`` steps (saving the loader state after ``resume_at``) and writes ids."""
+    init(rank, world, port)
+    try:
+        loader = make_loader(map_dataset(130), world=world, global_super=40, global_batch=8,
+                             scope=scope)
+        ids, state = run_steps(loader, steps, save_at=resume_at)
+        record = {'ids': ids, 'state': state, 'metrics': loader.metrics, 'len': len(loader)}
+        (out_dir / f'rank{rank}.json').write_text(json.dumps(record))
+    finally:
+        finish()
+
+
+def streaming_worker(rank: int, world: int, port: int, out_dir: Path, mds_dir: str,
+                     scope: str) -> None:
+    """Two epochs over a streaming dataset whose size does not divide: no rank may hang."""
+    from jest_stream import SampleIdStreamingDataset
+
+    init(rank, world, port)
+    try:
+        dataset = SampleIdStreamingDataset(local=mds_dir, batch_size=20, shuffle=True,
+                                           shuffle_seed=3, num_canonical_nodes=1)
+        scorer = ClassificationScorer(tiny_classifier(0), tiny_classifier(1), input_key='x',
+                                      target_key='y')
+        loader = SelectiveLoader(dataset, batch_size=4, filter_ratio=0.8, scorer=scorer,
+                                 selection_scope=scope, num_workers=1)
+        epochs = []
+        for _ in range(2):
+            ids = []
+            for batch in loader:
+                ids.append(batch['sample_id'].tolist())
+                # A collective per step, as DDP would do: a rank with fewer batches would hang.
+                dist.all_reduce(torch.ones(1))
+            epochs.append(ids)
+        (out_dir / f'rank{rank}.json').write_text(json.dumps({'epochs': epochs,
+                                                               'len': len(loader)}))
+    finally:
+        finish()

@@ -1,0 +1,88 @@
+"""Multi-process selection with real torch.distributed (gloo, 2 processes on the CPU)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import pytest
+import torch.multiprocessing as mp
+from conftest import write_mds
+from distributed_workers import (
+    make_loader,
+    map_dataset,
+    run_steps,
+    selection_worker,
+    streaming_worker,
+)
+
+TIMEOUT_S = 240
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        return sock.getsockname()[1]
+
+
+def spawn(fn, world: int, *args) -> None:
+    """Runs ``fn(rank, world, *args)`` in ``world`` processes; fails (never hangs) on timeout."""
+    context = mp.start_processes(fn, args=(world, *args), nprocs=world, join=False,
+                                 start_method='spawn')
+    deadline = time.monotonic() + TIMEOUT_S
+    while not context.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f'distributed workers did not finish within {TIMEOUT_S} s')
+
+
+def _read(out_dir, world):
+    return [json.loads((out_dir / f'rank{r}.json').read_text()) for r in range(world)]
+
+
+def test_global_selection_equals_one_process_over_the_concatenated_super_batch(tmp_path):
+    spawn(selection_worker, 2, free_port(), tmp_path, 'global', 6, None)
+    ranks = _read(tmp_path, 2)
+    single, _ = run_steps(make_loader(map_dataset(130), world=1, global_super=40,
+                                      global_batch=8, scope='global'), 6)
+    # 130 samples, global super-batch 40: 3 full ones and a partial of 10 (5 per rank).
+    assert ranks[0]['len'] == ranks[1]['len'] == 4
+    for step in range(6):
+        assert ranks[0]['ids'][step] + ranks[1]['ids'][step] == single[step]
+        assert len(set(ranks[0]['ids'][step]) & set(ranks[1]['ids'][step])) == 0
+    metrics = ranks[0]['metrics']
+    assert metrics['comm_bytes'] > 0 and metrics['comm_s'] >= 0
+
+
+def test_global_scope_resumes_exactly_on_a_different_world_size(tmp_path):
+    spawn(selection_worker, 2, free_port(), tmp_path, 'global', 7, 3)
+    ranks = _read(tmp_path, 2)
+    resumed = make_loader(map_dataset(130), world=1, global_super=40, global_batch=8,
+                          scope='global')
+    resumed.load_state_dict(ranks[0]['state'])
+    after, _ = run_steps(resumed, 4)
+    uninterrupted = [a + b for a, b in zip(ranks[0]['ids'], ranks[1]['ids'], strict=True)]
+    assert after == uninterrupted[3:]
+
+
+def test_rank_scope_selects_from_each_ranks_own_partition(tmp_path):
+    spawn(selection_worker, 2, free_port(), tmp_path, 'rank', 4, None)
+    ranks = _read(tmp_path, 2)
+    for step in range(4):
+        assert len(ranks[0]['ids'][step]) == len(ranks[1]['ids'][step]) == 4
+        assert not set(ranks[0]['ids'][step]) & set(ranks[1]['ids'][step])
+    assert 'comm_bytes' not in ranks[0]['metrics']
+
+
+@pytest.mark.parametrize('scope', ['rank', 'global'])
+def test_streaming_ranks_draw_equal_numbers_of_super_batches(tmp_path, scope):
+    mds = write_mds(tmp_path / 'mds', 103)
+    spawn(streaming_worker, 2, free_port(), tmp_path, str(mds), scope)
+    ranks = _read(tmp_path, 2)
+    for epoch in range(2):
+        counts = [len(r['epochs'][epoch]) for r in ranks]
+        assert counts[0] == counts[1] == ranks[0]['len']
+    if scope == 'rank':
+        assert all(len(ids) == 4 for r in ranks for ids in r['epochs'][0])
