@@ -73,6 +73,13 @@ def scoring_mode(*models: nn.Module | None) -> Iterator[None]:
             model.train(training)
 
 
+def _check_transform(forward: Callable | None, input_transform: Callable | None) -> None:
+    if forward is not None and input_transform is not None:
+        raise ValueError(
+            'input_transform applies to the default forward only; with forward=... apply the '
+            'transform inside it (jest_stream.flexi.FlexiForward does, for the learner only)')
+
+
 def _chunks(batch: Batch, n: int, chunk_size: int | None) -> Iterator[Batch]:
     if chunk_size is None or chunk_size >= n:
         yield batch
@@ -166,6 +173,7 @@ class ClassificationScorer:
                  input_transform: Callable[[Tensor], Tensor] | None = None) -> None:
         if chunk_size is not None and chunk_size <= 0:
             raise ValueError(f'chunk_size={chunk_size} must be positive or None')
+        _check_transform(forward, input_transform)
         self.learner = learner
         self.reference = reference
         self.input_key = input_key
@@ -238,6 +246,7 @@ class ContrastiveScorer:
             raise ValueError(f'loss={loss!r} is not known; choose "sigmoid" or "softmax"')
         if chunk_size is not None and chunk_size <= 0:
             raise ValueError(f'chunk_size={chunk_size} must be positive or None')
+        _check_transform(forward, input_transform)
         self.learner = learner
         self.reference = reference
         self.loss = loss

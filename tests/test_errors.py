@@ -151,3 +151,9 @@ def test_dataset_iterated_outside_the_loader_is_detected(mds_dir, make_streaming
     loader = SelectiveLoader(dataset, batch_size=10, filter_ratio=0.8, criterion='uniform')
     with pytest.raises(RuntimeError, match='only the jest_stream loader'):
         next(iter(loader))
+
+
+def test_input_transform_with_a_custom_forward_is_refused():
+    with pytest.raises(ValueError, match='input_transform'):
+        ClassificationScorer(tiny_classifier(0), None, forward=lambda m, b: m(b[0]),
+                             input_transform=lambda x: x)
