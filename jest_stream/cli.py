@@ -1,0 +1,140 @@
+"""The ``jest-stream`` command line.
+
+Each subcommand is one entry of :data:`COMMANDS`: a function that adds its parser to
+the subparsers and sets ``run(args) -> exit status``. Add a command by writing one
+such function and listing it there.
+
+    jest-stream annotate   a reference model's outputs for every sample, into a cache
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+from jest_stream.cache import DEFAULT_PART_SIZE, OUTPUT_GROUPS, CacheError
+
+__all__ = ['main', 'build_parser', 'COMMANDS']
+
+# Errors that come from the user's settings or files: shown as one message, no traceback.
+_USER_ERRORS = (CacheError, ValueError, KeyError, ImportError, FileNotFoundError,
+                FileExistsError)
+
+
+def _add_annotate(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        'annotate', help="store a frozen reference model's outputs for every sample",
+        description=(
+            "Compute a frozen reference model's per-example loss or embeddings for every "
+            'sample of a StreamingDataset once, and store them in a reference cache keyed by '
+            'global sample id (see jest_stream.cache.ReferenceCache). Interrupted runs continue '
+            'where they stopped when started again with the same arguments.'))
+    data = parser.add_argument_group('dataset')
+    data.add_argument('--local', required=True, help='local folder of the MDS dataset')
+    data.add_argument('--remote', help='remote location of its shards, if any')
+    data.add_argument('--split', help='split of the dataset, if any')
+    model = parser.add_argument_group('reference model')
+    model.add_argument('--model', required=True, metavar='PACKAGE.MODULE:FACTORY',
+                       help='import path of a function that returns the nn.Module')
+    model.add_argument('--model-kwargs', type=json.loads, default={}, metavar='JSON',
+                       help='keyword arguments of the factory, as a JSON object')
+    model.add_argument('--checkpoint', help='state_dict file to load into the model '
+                       '(torch.save(model.state_dict(), path))')
+    model.add_argument('--forward', metavar='PACKAGE.MODULE:FUNCTION',
+                       help='forward(model, batch) -> logits (loss) or (image_emb, text_emb, '
+                       'temperature, bias) (embeddings); by default the model is called on '
+                       'the input (or image and text) columns')
+    model.add_argument('--transform-id', required=True,
+                       help='your name for the input transform the reference sees; the cache '
+                       'is only opened for the same name')
+    outputs = parser.add_argument_group('outputs')
+    outputs.add_argument('--outputs', choices=sorted(OUTPUT_GROUPS), default='loss',
+                         help='per-example loss (float32) or image and text embeddings (float16)')
+    outputs.add_argument('--input-key', help='column of the inputs (loss)')
+    outputs.add_argument('--target-key', help='column of the targets (loss)')
+    outputs.add_argument('--image-key', default='image', help='column of the images (embeddings)')
+    outputs.add_argument('--text-key', default='text', help='column of the texts (embeddings)')
+    outputs.add_argument('--out', required=True, help='folder of the reference cache')
+    outputs.add_argument('--part-size', type=int, default=DEFAULT_PART_SIZE,
+                         help='samples per part file, the unit of resumption')
+    run = parser.add_argument_group('execution')
+    run.add_argument('--batch-size', type=int, default=256, help='samples per forward pass')
+    run.add_argument('--workers', type=int, default=2, help='DataLoader workers reading samples')
+    run.add_argument('--device', default='cpu', help='device of the model, e.g. cuda:0')
+    run.add_argument('--no-progress', action='store_true', help='no progress bar')
+    run.add_argument('--keep-shared-memory', action='store_true',
+                     help="do not clear streaming's stale shared memory at start (set it when "
+                     'other streaming jobs run on this machine: clearing would break them)')
+    parser.set_defaults(run=_run_annotate)
+
+
+def _run_annotate(args: argparse.Namespace) -> int:
+    if not args.keep_shared_memory:
+        from streaming.base.util import clean_stale_shared_memory
+
+        # A killed earlier run may have left segments that would collide with this one's.
+        clean_stale_shared_memory()
+    from jest_stream.annotate import annotate, import_object, load_model
+
+    reference = load_model(args.model, checkpoint=args.checkpoint, kwargs=args.model_kwargs)
+    forward = import_object(args.forward) if args.forward else None
+    try:
+        result = annotate(
+            out=args.out, model=reference, transform_id=args.transform_id, outputs=args.outputs,
+            local=args.local, remote=args.remote, split=args.split, forward=forward,
+            input_key=args.input_key, target_key=args.target_key, image_key=args.image_key,
+            text_key=args.text_key, batch_size=args.batch_size, num_workers=args.workers,
+            device=args.device, part_size=args.part_size, progress=not args.no_progress,
+            info={'model': args.model, 'checkpoint': args.checkpoint, 'forward': args.forward})
+    except KeyboardInterrupt:
+        print('interrupted: finished parts are kept; run the same command again to continue',
+              file=sys.stderr)
+        return 130
+    fp = result.fingerprint
+    print(f'annotated {result.num_samples} samples into {result.path}: '
+          f'{result.parts_written} parts written, {result.parts_skipped} already done, '
+          f'{result.seconds:.1f} s')
+    print(f'fingerprint: dataset {fp.dataset[:16]}..., model {fp.model}, '
+          f'transform {fp.transform!r}')
+    print(f"open it with ReferenceCache({str(result.path)!r}, dataset=..., "
+          f"model_checksum={fp.model!r}, transform={fp.transform!r})")
+    return 0
+
+
+COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (_add_annotate,)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``jest-stream`` parser with every subcommand of :data:`COMMANDS`."""
+    parser = argparse.ArgumentParser(
+        prog='jest-stream',
+        description='jest_stream: joint example selection over mosaicml-streaming datasets.')
+    subparsers = parser.add_subparsers(title='commands', metavar='COMMAND')
+    for add in COMMANDS:
+        add(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``jest-stream`` with ``argv`` (the process arguments by default); the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, 'run'):
+        parser.print_help(sys.stderr)
+        return 2
+    # Like `python -m`, find the user's model and forward modules in the working directory.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        return args.run(args)
+    except _USER_ERRORS as error:
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        print(f'jest-stream: error: {message}', file=sys.stderr)
+        return 1
+
+
+if __name__ == '__main__':
+    sys.exit(main())
