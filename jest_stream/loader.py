@@ -161,8 +161,10 @@ class SelectiveLoader(DataLoader):
             staler result is scored again. At least ``sync_every - 1``; 0 (with
             ``sync_every=1``) selects exactly what inline scoring selects. Default
             ``sync_every - 1 + prefetch_depth``.
-        prefetch_depth (int, optional): Process scoring: super-batches loaded, and as far
-            as ``max_staleness`` allows scored, ahead of the trainer (default 2).
+        prefetch_depth (int, optional): Process scoring: super-batches in flight: the next
+            one for the trainer and those loaded (and, as far as ``max_staleness`` allows,
+            scored) behind it while the trainer trains; 2 or more overlap scoring with
+            training (default 2).
         selection_scope (str): Under ``torch.distributed``: ``rank`` (default) selects each
             rank's sub-batch from its own super-batch; ``global`` all-gathers the scores (or
             embeddings) and selects ``world_size x batch_size`` examples jointly over the
