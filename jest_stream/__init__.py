@@ -24,6 +24,7 @@ from jest_stream.losses import (
     sigmoid_pair_losses,
 )
 from jest_stream.reference import ColumnReference, ReferenceTable, freeze
+from jest_stream.scorer_process import ScorerProcessError
 from jest_stream.scores import (
     SELECTION_METHODS,
     BatchScores,
@@ -101,6 +102,7 @@ __all__ = [
     'SampleIdStreamingDataset',
     'score_flops',
     'ScoreError',
+    'ScorerProcessError',
     'Scorer',
     'SELECTION_METHODS',
     'SelectiveLoader',

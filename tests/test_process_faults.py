@@ -195,7 +195,9 @@ def scripts(tmp_path_factory) -> dict[str, tuple[subprocess.Popen, Path]]:
     yield started
     for process, _ in started.values():
         if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
+            # Only the script itself: its scorer process and workers then exit on their own,
+            # and multiprocessing's resource tracker removes the script's semaphore.
+            process.kill()
             process.wait()
 
 
