@@ -1,0 +1,457 @@
+"""Throughput of the data path: a plain DataLoader against jest_stream's loader.
+
+Run it from the repository root::
+
+    python -m benchmarks.data_path               # a few minutes on two CPU cores
+    python -m benchmarks.data_path --quick       # a smoke run
+    python -m benchmarks.data_path --gpu         # also on CUDA, where it exists
+    python -m benchmarks.data_path --threads 1   # one torch thread in the main process
+
+Three ways of reading the real Fashion-MNIST pool (57,000 images as MDS shards, built
+once by :func:`benchmarks.fashion_mnist.prepare` under ``data/fashion-mnist``) in
+super-batches of ``B = 320`` (sub-batches of 64, filter ratio 0.8), with the same
+``StreamingDataset`` settings and the same number of DataLoader workers:
+
+- ``raw``: a ``StreamingDataset(batch_size=B)`` read through a plain
+  ``torch.utils.data.DataLoader(batch_size=B)`` with torch's default collate: the
+  baseline, what a training loop without jest_stream reads;
+- ``uniform``: :class:`jest_stream.SelectiveLoader` with ``criterion='uniform'``: sample
+  ids, jest_stream's collate, the device hand-off, a uniform sub-batch and the telemetry,
+  and no scoring: the pipeline's own overhead;
+- ``learnability``: the same loader scoring every super-batch with learnability (the
+  benchmarks' ``SmallCNN`` as the learner and another as a live reference, per-example
+  cross-entropy, joint selection): the data path with scoring.
+
+Every mode runs once per round, the order rotating from round to round, so that a busy
+phase of a shared machine hits every mode. Each run reads a fresh dataset, drops the
+first ``warmup`` super-batches (worker start-up) and times the next ones. Throughput is
+counted in samples drawn (read from the dataset) and delivered (handed to the consumer)
+per second; the loader's own telemetry (``loader.metrics``: waiting for data, transfer,
+scoring, selection) is averaged over the timed super-batches. The load average of the
+machine is recorded around every run.
+
+With ``--gpu`` where CUDA exists the same three modes run on the GPU (pinned host
+batches; the plain DataLoader's batches are copied with ``non_blocking=True``).
+
+Results go to ``benchmarks/results/data_path/`` (``data_path.json`` and
+``data_path.png``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ['MODES', 'DataPathConfig', 'compare', 'main', 'parse_args', 'run_mode', 'summarise']
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RESULTS_DIR = REPO_ROOT / 'benchmarks' / 'results' / 'data_path'
+MODES = ('raw', 'uniform', 'learnability')
+_TIMINGS = ('wait_s', 'transfer_s', 'score_s', 'select_s')
+
+
+@dataclass(frozen=True)
+class DataPathConfig:
+    """Every setting of the benchmark (written into the results file)."""
+
+    batch_size: int = 64
+    super_batch_size: int = 320
+    num_workers: int = 2
+    warmup: int = 5
+    batches: int = 150
+    scored_batches: int = 30
+    rounds: int = 5
+    hidden: int = 48
+    seed: int = 0
+    threads: int | None = None
+    gpu: bool = False
+    clean_shm: bool = False
+    num_canonical_nodes: int | None = None
+    data_dir: str = str(REPO_ROOT / 'data' / 'fashion-mnist')
+    out_dir: str = str(RESULTS_DIR)
+
+    @property
+    def filter_ratio(self) -> float:
+        return 1.0 - self.batch_size / self.super_batch_size
+
+
+def _open_dataset(make: Callable[[], Any], attempts: int = 5) -> Any:
+    # Streaming picks a free shared-memory prefix, then creates it: another process that
+    # starts a dataset between the two steps makes the creation fail. Pick again.
+    for attempt in range(attempts):
+        try:
+            return make()
+        except FileExistsError:
+            if attempt + 1 == attempts:
+                raise
+            time.sleep(0.2 * (attempt + 1))
+    raise AssertionError('unreachable')
+
+
+def _dataset(mode: str, pool: Path, config: DataPathConfig) -> Any:
+    from streaming import StreamingDataset
+
+    from jest_stream import SampleIdStreamingDataset
+
+    cls = StreamingDataset if mode == 'raw' else SampleIdStreamingDataset
+    return _open_dataset(lambda: cls(
+        local=str(pool), batch_size=config.super_batch_size, shuffle=True,
+        shuffle_seed=config.seed, num_canonical_nodes=config.num_canonical_nodes))
+
+
+def _scorer(config: DataPathConfig, device: str) -> Any:
+    from benchmarks.fashion_mnist import batch_logits
+    from benchmarks.models import make_cnn
+    from jest_stream import ClassificationScorer
+
+    learner = make_cnn(config.seed, hidden=config.hidden).to(device)
+    reference = make_cnn(config.seed + 1, hidden=config.hidden).to(device)
+    return ClassificationScorer(learner, reference, target_key='label', forward=batch_logits)
+
+
+def _batch_rows(batch: Any) -> int:
+    from jest_stream.batch import batch_length
+
+    return batch_length(batch)
+
+
+def _raw_batches(loader: Any, device: str) -> Iterator[tuple[Any, dict[str, Any] | None]]:
+    from jest_stream.batch import move_to_device
+
+    for batch in loader:
+        if device != 'cpu':
+            batch = move_to_device(batch, torch.device(device), non_blocking=True)
+        yield batch, None
+
+
+def _selective_batches(loader: Any) -> Iterator[tuple[Any, dict[str, Any] | None]]:
+    for batch in loader:
+        yield batch, dict(loader.metrics)
+
+
+def _sync(device: str) -> None:
+    if device.startswith('cuda'):
+        torch.cuda.synchronize()
+
+
+def run_mode(mode: str, pool: str | Path, config: DataPathConfig, *, device: str = 'cpu'
+             ) -> dict[str, Any]:
+    """Read ``warmup`` + ``batches`` super-batches of a fresh dataset in ``mode``; time the rest.
+
+    Args:
+        mode (str): ``raw``, ``uniform`` or ``learnability``.
+        pool (str | Path): Local MDS dataset of the pool (``image`` uint8[28, 28], ``label``).
+        config (DataPathConfig): Sizes, workers, counts, seed.
+        device (str): ``cpu`` or a CUDA device.
+
+    Returns:
+        dict: ``drawn_per_s`` and ``delivered_per_s`` over the timed super-batches,
+        ``first_batch_s`` (start-up), ``batches`` timed, the load average around the run and,
+        for jest_stream's loader, ``telemetry``: the mean ``wait_s``, ``transfer_s``,
+        ``score_s`` and ``select_s`` per super-batch.
+    """
+    if mode not in MODES:
+        raise ValueError(f'mode={mode!r} is not known; choose one of {list(MODES)}')
+    with warnings.catch_warnings():
+        # torch's default collate warns (in every worker) about MDS's read-only arrays.
+        warnings.filterwarnings('ignore', message='The given NumPy array is not writable')
+        return _run_mode(mode, Path(pool), config, device)
+
+
+def _run_mode(mode: str, pool: Path, config: DataPathConfig, device: str) -> dict[str, Any]:
+    from torch.utils.data import DataLoader
+
+    from jest_stream import SelectiveLoader
+
+    cuda = device.startswith('cuda')
+    timed = config.scored_batches if mode == 'learnability' else config.batches
+    load_before = os.getloadavg()
+    dataset = _dataset(mode, pool, config)
+    workers = config.num_workers
+    if mode == 'raw':
+        loader = DataLoader(dataset, batch_size=config.super_batch_size, num_workers=workers,
+                            pin_memory=cuda, prefetch_factor=2 if workers else None)
+        batches = _raw_batches(loader, device)
+    else:
+        extra: dict[str, Any] = {'criterion': 'uniform'}
+        if mode == 'learnability':
+            extra = {'criterion': 'learnability', 'scorer': _scorer(config, device)}
+        loader = SelectiveLoader(dataset, batch_size=config.batch_size,
+                                 super_batch_size=config.super_batch_size, seed=config.seed,
+                                 num_workers=workers, device=device, **extra)
+        batches = _selective_batches(loader)
+    metrics: list[dict[str, Any]] = []
+    drawn = delivered = count = 0
+    start = time.perf_counter()
+    first_batch_s = window_start = None
+    for index, (batch, batch_metrics) in enumerate(batches):
+        rows = _batch_rows(batch)
+        if index == 0:
+            _sync(device)
+            first_batch_s = time.perf_counter() - start
+        if index == config.warmup - 1 or (config.warmup == 0 and index == 0):
+            _sync(device)
+            window_start = time.perf_counter() if config.warmup else start
+        if index >= config.warmup:
+            count += 1
+            delivered += rows
+            drawn += batch_metrics['drawn'] if batch_metrics else rows
+            if batch_metrics:
+                metrics.append(batch_metrics)
+        if index + 1 >= config.warmup + timed:
+            break
+    _sync(device)
+    elapsed = time.perf_counter() - window_start if window_start is not None else 0.0
+    batches.close()
+    del batches, loader, dataset
+    gc.collect()
+    if count == 0 or elapsed <= 0:
+        raise ValueError(f'{mode}: no super-batch was timed: the pool has fewer than '
+                         f'warmup + 1 = {config.warmup + 1} super-batches of '
+                         f'{config.super_batch_size}; lower warmup or super_batch_size')
+    out: dict[str, Any] = {
+        'mode': mode, 'device': device, 'batches': count, 'elapsed_s': elapsed,
+        'drawn_per_s': drawn / elapsed, 'delivered_per_s': delivered / elapsed,
+        'first_batch_s': first_batch_s, 'loadavg_before': load_before,
+        'loadavg_after': os.getloadavg(), 'threads': torch.get_num_threads(),
+    }
+    if metrics:
+        out['telemetry'] = {key: statistics.fmean(m.get(key, 0.0) for m in metrics)
+                            for key in _TIMINGS}
+        out['telemetry']['interval_s'] = elapsed / count
+    return out
+
+
+def compare(pool: str | Path, config: DataPathConfig, *, device: str = 'cpu',
+            modes: tuple[str, ...] = MODES, echo: bool = True) -> list[dict[str, Any]]:
+    """Every mode once per round, the order rotating, so slow phases hit every mode."""
+    runs = []
+    for round_index in range(config.rounds):
+        shift = round_index % len(modes)
+        for mode in modes[shift:] + modes[:shift]:
+            result = run_mode(mode, pool, config, device=device)
+            result['round'] = round_index
+            runs.append(result)
+            if echo:
+                print(f'  {device} round {round_index + 1}/{config.rounds} {mode:>12}: '
+                      f'{result["drawn_per_s"]:8.0f} drawn/s {result["delivered_per_s"]:8.0f} '
+                      f'delivered/s ({result["batches"]} super-batches, load '
+                      f'{result["loadavg_after"][0]:.1f})', flush=True)
+    return runs
+
+
+def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Medians per mode, ratios to the plain DataLoader, and the telemetry breakdown.
+
+    Two ratios per mode: of the medians over rounds, and the median of the ratios taken
+    within each round (runs of one round are neighbours in time, so this one cancels slow
+    phases of the machine best).
+    """
+    modes: dict[str, Any] = {}
+    for run in runs:
+        modes.setdefault(run['mode'], []).append(run)
+    summary: dict[str, Any] = {'modes': {}, 'ratios': {}}
+    for mode, results in modes.items():
+        entry: dict[str, Any] = {
+            'median_drawn_per_s': statistics.median(r['drawn_per_s'] for r in results),
+            'median_delivered_per_s': statistics.median(r['delivered_per_s'] for r in results),
+            'drawn_per_s': [r['drawn_per_s'] for r in results],
+            'median_first_batch_s': statistics.median(r['first_batch_s'] for r in results),
+        }
+        telemetry = [r['telemetry'] for r in results if 'telemetry' in r]
+        if telemetry:
+            entry['telemetry_median'] = {key: statistics.median(t[key] for t in telemetry)
+                                         for key in telemetry[0]}
+        summary['modes'][mode] = entry
+    if 'raw' in modes:
+        raw_by_round = {r['round']: r['drawn_per_s'] for r in modes['raw']}
+        raw = summary['modes']['raw']['median_drawn_per_s']
+        for mode in modes:
+            if mode == 'raw':
+                continue
+            paired = [r['drawn_per_s'] / raw_by_round[r['round']] for r in modes[mode]
+                      if r['round'] in raw_by_round]
+            summary['ratios'][f'{mode}_over_raw'] = {
+                'of_medians': summary['modes'][mode]['median_drawn_per_s'] / raw,
+                'median_paired': statistics.median(paired) if paired else None,
+                'paired': paired,
+            }
+    return summary
+
+
+def _print_summary(summary: dict[str, Any], config: DataPathConfig, title: str) -> None:
+    print(f'\n{title}')
+    print(f'{"mode":>13} {"drawn/s":>9} {"delivered/s":>12} {"vs raw":>7} {"paired":>7} '
+          f'{"start-up s":>10} | per super-batch (ms): {"wait":>6} {"transfer":>8} '
+          f'{"score":>6} {"select":>6} {"interval":>8}')
+    for mode, entry in summary['modes'].items():
+        ratio = summary['ratios'].get(f'{mode}_over_raw')
+        of_medians = f'{ratio["of_medians"]:.3f}' if ratio else '1'
+        paired = f'{ratio["median_paired"]:.3f}' if ratio and ratio['median_paired'] else '-'
+        line = (f'{mode:>13} {entry["median_drawn_per_s"]:9.0f} '
+                f'{entry["median_delivered_per_s"]:12.0f} {of_medians:>7} {paired:>7} '
+                f'{entry["median_first_batch_s"]:10.2f} |')
+        telemetry = entry.get('telemetry_median')
+        if telemetry:
+            line += (f'                      {1e3 * telemetry["wait_s"]:6.2f} '
+                     f'{1e3 * telemetry["transfer_s"]:8.2f} {1e3 * telemetry["score_s"]:6.2f} '
+                     f'{1e3 * telemetry["select_s"]:6.2f} {1e3 * telemetry["interval_s"]:8.2f}')
+        print(line)
+
+
+def _verdicts(summary: dict[str, Any]) -> dict[str, Any]:
+    ratio = summary['ratios'].get('uniform_over_raw')
+    value = ratio['median_paired'] if ratio else None
+    return {'uniform_over_raw_min': 0.95, 'uniform_over_raw': value,
+            'uniform_met': value is not None and value >= 0.95}
+
+
+def gpu_section(pool: Path, config: DataPathConfig) -> dict[str, Any]:
+    """The same comparison on CUDA; skipped cleanly where CUDA is missing."""
+    if not torch.cuda.is_available():
+        print('--gpu: CUDA is not available here; the GPU measurements are skipped', flush=True)
+        return {'available': False}
+    runs = compare(pool, config, device='cuda')
+    summary = summarise(runs)
+    _print_summary(summary, config, f'CUDA ({torch.cuda.get_device_name()}), medians:')
+    return {'available': True, 'device': torch.cuda.get_device_name(), 'runs': runs,
+            'summary': summary, 'targets': _verdicts(summary)}
+
+
+def _plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    sections = [('cpu', results['cpu']['summary'])]
+    if results.get('gpu', {}).get('available'):
+        sections.append(('cuda', results['gpu']['summary']))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    labels, heights, dots = [], [], []
+    for device, summary in sections:
+        for mode, entry in summary['modes'].items():
+            labels.append(f'{mode}\n({device})')
+            heights.append(entry['median_drawn_per_s'])
+            dots.append(entry['drawn_per_s'])
+    axes[0].bar(range(len(labels)), heights, color='tab:blue')
+    for i, values in enumerate(dots):
+        axes[0].scatter([i] * len(values), values, color='black', s=8, zorder=3)
+    axes[0].set_xticks(range(len(labels)), labels, fontsize=8)
+    axes[0].set_ylabel('samples drawn / s')
+    axes[0].set_title('throughput (bars: median; dots: rounds)', fontsize=9)
+    stages = [('wait_s', 'wait for data'), ('transfer_s', 'transfer'), ('score_s', 'score'),
+              ('select_s', 'select + gather')]
+    names, rows = [], []
+    for device, summary in sections:
+        for mode, entry in summary['modes'].items():
+            if 'telemetry_median' in entry:
+                names.append(f'{mode}\n({device})')
+                rows.append(entry['telemetry_median'])
+    bottom = [0.0] * len(rows)
+    for key, label in stages:
+        values = [1e3 * row[key] for row in rows]
+        axes[1].bar(range(len(rows)), values, bottom=bottom, label=label)
+        bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+    other = [max(0.0, 1e3 * row['interval_s'] - b) for row, b in zip(rows, bottom, strict=True)]
+    axes[1].bar(range(len(rows)), other, bottom=bottom, label='other', color='lightgray')
+    axes[1].set_xticks(range(len(names)), names, fontsize=8)
+    axes[1].set_ylabel('ms per super-batch')
+    axes[1].set_title("jest_stream's telemetry per super-batch (medians)", fontsize=9)
+    axes[1].legend(fontsize=7)
+    config = results['config']
+    fig.suptitle(f'data path, Fashion-MNIST pool, B={config["super_batch_size"]}, '
+                 f'b={config["batch_size"]}, {config["num_workers"]} workers; load '
+                 f'{results["loadavg_start"][0]:.1f} at the start', fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(config: DataPathConfig) -> dict[str, Any]:
+    from benchmarks.fashion_mnist import prepare
+
+    if config.clean_shm:
+        from streaming.base.util import clean_stale_shared_memory
+
+        clean_stale_shared_memory()
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    started = time.perf_counter()
+    data = prepare(config.data_dir)
+    results: dict[str, Any] = {
+        'benchmark': 'data_path', 'config': asdict(config),
+        'filter_ratio': config.filter_ratio, 'platform': platform.platform(),
+        'cores': os.cpu_count(), 'torch': torch.__version__,
+        'python': platform.python_version(), 'threads': torch.get_num_threads(),
+        'data': data.summary(), 'loadavg_start': os.getloadavg(),
+    }
+    print(f'{os.cpu_count()} cores, load {results["loadavg_start"][0]:.1f}; '
+          f'{results["threads"]} torch thread(s) in the main process, {config.num_workers} '
+          f'workers; B={config.super_batch_size}, b={config.batch_size}; pool of '
+          f'{data.n_pool} images; {config.rounds} interleaved rounds', flush=True)
+    runs = compare(data.pool_dir, config)
+    summary = summarise(runs)
+    results['cpu'] = {'runs': runs, 'summary': summary}
+    results['targets'] = _verdicts(summary)
+    _print_summary(summary, config, 'CPU, medians:')
+    if config.gpu:
+        results['gpu'] = gpu_section(data.pool_dir, config)
+    results['loadavg_end'] = os.getloadavg()
+    results['wall_s'] = time.perf_counter() - started
+    ratios = summary['ratios']
+    target = results['targets']
+    print(f'\nuniform / raw: {target["uniform_over_raw"]:.3f} (median of paired rounds; '
+          f'{ratios["uniform_over_raw"]["of_medians"]:.3f} of medians; target >= 0.95: '
+          f'{"met" if target["uniform_met"] else "NOT met"}); learnability / raw: '
+          f'{ratios["learnability_over_raw"]["median_paired"]:.3f}; load '
+          f'{results["loadavg_end"][0]:.1f}; {results["wall_s"]:.0f} s in all', flush=True)
+    out = Path(config.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / 'data_path.json').write_text(json.dumps(results, indent=2) + '\n')
+    _plot(results, out / 'data_path.png')
+    print(f'wrote {out / "data_path.json"} and {out / "data_path.png"}')
+    return results
+
+
+def parse_args(argv: list[str] | None = None) -> DataPathConfig:
+    """The configuration the command line asks for."""
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--quick', action='store_true', help='a smoke run')
+    parser.add_argument('--gpu', action='store_true', help='also measure on CUDA')
+    parser.add_argument('--rounds', type=int, help='interleaved rounds')
+    parser.add_argument('--batches', type=int, help='timed super-batches per run (unscored)')
+    parser.add_argument('--scored-batches', type=int, help='timed super-batches per scored run')
+    parser.add_argument('--workers', type=int, help='DataLoader workers (default 2)')
+    parser.add_argument('--threads', type=int,
+                        help="torch threads of the main process (default: torch's own)")
+    parser.add_argument('--clean-shm', action='store_true',
+                        help="run streaming's clean_stale_shared_memory() first: it removes "
+                             'the streaming segments of every process on this machine, so only '
+                             'after a killed run and never beside other streaming jobs')
+    parser.add_argument('--out-dir', help='where the JSON and the plot go')
+    args = parser.parse_args(argv)
+    config = DataPathConfig(gpu=args.gpu, clean_shm=args.clean_shm)
+    if args.quick:
+        config = replace(config, rounds=1, batches=30, scored_batches=10)
+    overrides = {'rounds': args.rounds, 'batches': args.batches,
+                 'scored_batches': args.scored_batches, 'num_workers': args.workers,
+                 'threads': args.threads, 'out_dir': args.out_dir}
+    return replace(config, **{key: value for key, value in overrides.items()
+                              if value is not None})
+
+
+if __name__ == '__main__':
+    main(parse_args())
