@@ -5,7 +5,9 @@ super-batches, scores every example with the model being trained and a frozen
 reference, and hands the most learnable sub-batch to the trainer.
 """
 
+from jest_stream.annotate import annotate
 from jest_stream.batch import collate_samples, gather
+from jest_stream.cache import CacheError, ReferenceCache, dataset_fingerprint, model_checksum
 from jest_stream.criteria import CRITERIA, Criterion, get_criterion
 from jest_stream.flexi import (
     FlexiForward,
@@ -69,6 +71,11 @@ def __getattr__(name: str):
     raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
 
 __all__ = [
+    'model_checksum',
+    'dataset_fingerprint',
+    'annotate',
+    'ReferenceCache',
+    'CacheError',
     'BatchScores',
     'ClassificationScorer',
     'collate_samples',

@@ -320,6 +320,8 @@ class CacheWriter:
             self.manifest = manifest
         else:
             self.path.mkdir(parents=True, exist_ok=True)
+            for stale in self.path.glob(f'.{MANIFEST}.tmp-*'):
+                stale.unlink()  # a run killed while writing its first manifest
             if any(self.path.iterdir()):
                 raise FileExistsError(
                     f'{self.path} is not empty and holds no {MANIFEST}; refusing to write a '
