@@ -203,6 +203,8 @@ class JESTAlgorithm(Algorithm):
             for batches without ids (``ComposerClassifier``'s ``(input, target)``): rows are
             then named by their position in the super-batch, and only references that do not
             look samples up by id can be used.
+        batch_transform (Callable, optional): Applied to each selected sub-batch on the
+            device before training (e.g. :class:`jest_stream.flexi.MixedResolution`).
     """
 
     def __init__(self, *, filter_ratio: float | None = None, batch_size: int | None = None,
@@ -214,8 +216,8 @@ class JESTAlgorithm(Algorithm):
                  criterion: str | Criterion = 'learnability', method: str | None = None,
                  n_chunks: int = 16, temperature: float = 1.0, seed: int | None = None,
                  chunk_size: int | None = None, start: float = 0.0, end: float = 1.0,
-                 outside_window: str = 'uniform', id_key: str | int | None = 'sample_id'
-                 ) -> None:
+                 outside_window: str = 'uniform', id_key: str | int | None = 'sample_id',
+                 batch_transform: Callable[[Batch], Batch] | None = None) -> None:
         if (filter_ratio is None) == (batch_size is None):
             raise ValueError('give exactly one of filter_ratio=... or batch_size=... (the '
                              'sub-batch size)')
@@ -271,6 +273,7 @@ class JESTAlgorithm(Algorithm):
         self.n_chunks = n_chunks
         self.temperature = float(temperature)
         self.chunk_size = chunk_size
+        self.batch_transform = batch_transform
         self.start = float(start)
         self.end = float(end)
         self.outside_window = outside_window
@@ -491,6 +494,8 @@ class JESTAlgorithm(Algorithm):
             selected, score_s, select_s, self_scores = torch.arange(sub), 0.0, 0.0, None
         start = time.perf_counter()
         state.batch = gather(batch, selected)
+        if self.batch_transform is not None:
+            state.batch = self.batch_transform(state.batch)
         gather_s = time.perf_counter() - start
         if active:
             self.batches_selected += 1
