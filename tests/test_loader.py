@@ -174,3 +174,16 @@ def test_map_style_dict_dataset_keeps_string_columns():
     assert len(batches) == 4
     for batch in batches:
         assert batch['name'] == [f'sample-{i}' for i in batch['sample_id'].tolist()]
+
+
+@pytest.mark.parametrize('dtype', [torch.bool, torch.uint8, torch.int64, torch.float16,
+                                   torch.float32, torch.bfloat16])
+def test_gather_matches_index_select(dtype):
+    from jest_stream import gather
+
+    x = (torch.arange(48).reshape(8, 3, 2) % 5).to(dtype)
+    idx = torch.tensor([4, 0, 7, 7, 2])
+    out = gather({'x': x, 't': x.transpose(1, 2), 's': list('abcdefgh')}, idx)
+    assert torch.equal(out['x'], x.index_select(0, idx)) and out['x'].dtype == dtype
+    assert torch.equal(out['t'], x.transpose(1, 2).index_select(0, idx))
+    assert out['s'] == ['e', 'a', 'h', 'h', 'c']
