@@ -74,6 +74,7 @@ class DemoConfig:
     reference_lr: float = 2e-3
     reference_seed: int = 0
     num_workers: int = 1
+    threads: int = 1
     data_dir: Path = REPO_ROOT / 'data' / 'fashion-mnist'
     out_dir: Path = REPO_ROOT / 'results' / 'demo'
 
@@ -136,6 +137,9 @@ def parse_args(argv: Sequence[str] | None = None) -> DemoConfig:
     parser.add_argument('--num-workers', type=int, default=defaults.num_workers,
                         help=f'DataLoader workers reading super-batches (default '
                              f'{defaults.num_workers})')
+    parser.add_argument('--threads', type=int, default=defaults.threads,
+                        help=f'torch threads of the training process (default '
+                             f'{defaults.threads}: the data worker has the other core)')
     parser.add_argument('--data-dir', type=Path, default=defaults.data_dir,
                         help='where the MDS shards are built once (default: data/fashion-mnist '
                              'under the repository root)')
@@ -151,10 +155,12 @@ def parse_args(argv: Sequence[str] | None = None) -> DemoConfig:
     eval_size = args.eval_size if args.eval_size is not None else (2000 if args.quick else None)
     if steps <= 0:
         parser.error(f'--steps={steps} must be positive')
+    if args.threads <= 0:
+        parser.error(f'--threads={args.threads} must be positive')
     return DemoConfig(
         steps=steps, seeds=seeds, method=args.method, filter_ratio=args.filter_ratio,
         lr=args.lr, noise_rate=args.noise_rate, eval_size=eval_size,
-        eval_every=max(1, steps // 10), num_workers=args.num_workers,
+        eval_every=max(1, steps // 10), num_workers=args.num_workers, threads=args.threads,
         reference_steps=200 if args.quick else defaults.reference_steps,
         data_dir=args.data_dir, out_dir=args.out_dir)
 
@@ -383,6 +389,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from streaming.base.util import clean_stale_shared_memory
 
     clean_stale_shared_memory()
+    # On a small machine the training threads share cores with the data worker; OpenMP
+    # threads that wait at a barrier for a descheduled sibling spin, and were measured
+    # several times slower than one thread when cores were busy.
+    torch.set_num_threads(config.threads)
     started = time.perf_counter()
     data = prepare(config.data_dir, noise_rate=config.noise_rate,
                    clean_fraction=config.clean_fraction, seed=config.data_seed)

@@ -785,6 +785,11 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Config, argparse.Name
     parser.add_argument('--replot', action='store_true',
                         help='only redraw the plots and print the table of the existing results '
                              'file of this configuration (finished or not)')
+    parser.add_argument('--clean-shm', action='store_true',
+                        help="run streaming's clean_stale_shared_memory() first: it unlinks the "
+                             'streaming segments of every process on the machine, so use it only '
+                             'when no other streaming job runs (a killed run of this benchmark '
+                             'does not need it: its local datasets skip stale segments)')
     parser.add_argument('--resume', action='store_true',
                         help='keep the finished runs of an existing results file of the same '
                              'configuration and run only the missing ones')
@@ -819,7 +824,7 @@ def _write_json(path: Path, record: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def run_benchmark(config: Config, out: Path, *, resume: bool = False,
+def run_benchmark(config: Config, out: Path, *, resume: bool = False, clean_shm: bool = False,
                   progress: bool = True) -> dict[str, Any]:
     """Run every configuration, rewriting the results file after each run.
 
@@ -827,15 +832,18 @@ def run_benchmark(config: Config, out: Path, *, resume: bool = False,
         config (Config): The settings.
         out (Path): Output folder.
         resume (bool): Keep the runs of an existing results file with the same ``config``.
+        clean_shm (bool): Run streaming's ``clean_stale_shared_memory()`` first; it unlinks
+            the streaming segments of every process on the machine, live ones included.
         progress (bool): Print progress.
 
     Returns:
         dict: The results (what the JSON file holds).
     """
     say = print if progress else (lambda *_: None)
-    from streaming.base.util import clean_stale_shared_memory
+    if clean_shm:
+        from streaming.base.util import clean_stale_shared_memory
 
-    clean_stale_shared_memory()
+        clean_stale_shared_memory()
     torch.set_num_threads(config.threads)
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
@@ -936,7 +944,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f'\n{len(results["runs"])} runs, complete: {results["complete"]}; redrew '
               f'{_stem(config)}.png and {_stem(config)}_flops.png')
         return 0
-    run_benchmark(config, args.out, resume=args.resume)
+    run_benchmark(config, args.out, resume=args.resume, clean_shm=args.clean_shm)
     return 0
 
 
