@@ -2,8 +2,8 @@
 
 Run it from the repository root::
 
-    python -m benchmarks.learning_efficiency --quick     # ratio 0.8, 3 seeds, 200 steps
-    python -m benchmarks.learning_efficiency             # ratios 0.8, 0.9, 0.5, 3 seeds, 400 steps
+    python -m benchmarks.learning_efficiency --quick     # ratio 0.8, 3 seeds, 200 steps: ~3 min
+    python -m benchmarks.learning_efficiency             # ratios 0.8, 0.9, 0.5, 400 steps: ~20 min
     python -m benchmarks.learning_efficiency --task contrastive --ratios 0.9 --seeds 0 1 2
 
 Two tasks on real Fashion-MNIST, each read through ``jest_stream.SelectiveLoader`` over a
@@ -766,8 +766,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Config, argparse.Name
         description='Steps and FLOPs to reach uniform sampling\'s final accuracy, for jest_stream '
                     'selection on noisy Fashion-MNIST (classification and two-tower contrastive).')
     parser.add_argument('--quick', action='store_true',
-                        help='ratio 0.8, 3 seeds, 200 steps, 2,000 test images (about 10 minutes '
-                             'on two CPU cores)')
+                        help='ratio 0.8, 3 seeds, 200 steps, 2,000 test images (about 3 minutes '
+                             'on two idle CPU cores)')
     parser.add_argument('--task', choices=(*TASKS, 'both'), default='both')
     parser.add_argument('--seeds', type=int, nargs='+', default=None)
     parser.add_argument('--ratios', type=float, nargs='+', default=None,
