@@ -8,6 +8,7 @@ an epoch after a given number of super-batches.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -70,21 +71,23 @@ def sample_ids_of(batch: Batch, id_key: str | int) -> torch.Tensor:
     return ids.long()
 
 
-class SuperBatchSource:
+class SuperBatchSource(ABC):
     """Base of the sources: one epoch of super-batches, resumable after ``start`` of them."""
 
     super_batch_size: int
     rank: int
     world_size: int
 
+    @abstractmethod
     def samples_per_rank(self) -> int:
-        raise NotImplementedError
+        """Samples this rank reads per epoch."""
 
     def super_batches_per_epoch(self) -> int:
         return math.ceil(self.samples_per_rank() / self.super_batch_size)
 
+    @abstractmethod
     def iter_epoch(self, epoch: int, start: int) -> Iterator[Batch]:
-        raise NotImplementedError
+        """Super-batches of ``epoch``, skipping the first ``start`` of them."""
 
     def dataset_state(self, epoch: int, consumed: int) -> dict[str, Any] | None:
         """What the dataset needs to resume ``epoch`` after ``consumed`` super-batches."""
@@ -92,6 +95,7 @@ class SuperBatchSource:
 
     def load_dataset_state(self, state: dict[str, Any] | None) -> None:
         """Prepare the underlying dataset to resume from ``state`` at its next epoch."""
+        return None
 
 
 class StreamingSource(SuperBatchSource):
