@@ -95,7 +95,9 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: Pat
     if rank == 0:
         out.write_text(json.dumps(results))
     dist.barrier()
-    dist.destroy_process_group()
+    # Not destroy_process_group(): torch 2.7's gloo group can deadlock in its destructor right
+    # after a collective (it joins its threads holding the GIL that one of them still needs).
+    os._exit(0)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import gc
 from collections.abc import Callable
 from pathlib import Path
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from streaming import MDSWriter
+from streaming.base.shared.memory import SharedMemory
 from streaming.base.util import clean_stale_shared_memory
 from torch import nn
 
@@ -22,6 +24,39 @@ N_CLASSES = 4
 def pytest_sessionstart(session: pytest.Session) -> None:
     # Segments left by a killed earlier run would otherwise collide with this one's.
     clean_stale_shared_memory()
+
+
+@pytest.fixture(autouse=True)
+def release_streaming_shared_memory(monkeypatch):
+    """Releases, after each test, the shared memory its StreamingDatasets opened.
+
+    streaming keeps every segment a dataset opens (and its file descriptor) until the process
+    exits, and each new dataset opens every segment still registered to look for a free
+    prefix, so a long test session would otherwise run out of file descriptors.
+    """
+    opened: list[SharedMemory] = []
+    original_init = SharedMemory.__init__
+
+    def recording_init(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        opened.append(self)
+
+    monkeypatch.setattr(SharedMemory, '__init__', recording_init)
+    yield
+    monkeypatch.undo()
+    gc.collect()
+    for shm in opened:
+        atexit.unregister(shm.cleanup)
+        for segment in shm.created_shms + shm.opened_shms:
+            try:
+                segment.close()
+            except BufferError:
+                pass  # still viewed by a live object: its descriptor goes when that object does
+        for segment in shm.created_shms:
+            try:
+                segment.unlink()
+            except FileNotFoundError:
+                pass
 
 
 def features_and_labels(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

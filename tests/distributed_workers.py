@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import sys
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -14,20 +19,33 @@ from torch.utils.data import TensorDataset
 from jest_stream import ClassificationScorer, SelectiveLoader
 
 
-def init(rank: int, world: int, port: int) -> None:
+@contextmanager
+def process_group(rank: int, world: int, port: int) -> Iterator[None]:
+    """A gloo group for the body; the process ends when the body does (exit code 1 on error).
+
+    The group is never destroyed: torch 2.7's gloo process group can deadlock in its
+    destructor, which joins its worker threads while holding the GIL when one of them still
+    needs the GIL to free the tensors of a collective that has just finished. The ranks meet
+    at a barrier instead, run the exit handlers (streaming's shared-memory clean-up among
+    them) and leave with ``os._exit``.
+    """
     # torchrun-style environment: streaming reads the rank layout from it too.
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       LOCAL_WORLD_SIZE=str(world), MASTER_ADDR='127.0.0.1',
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group('gloo', rank=rank, world_size=world)
-
-
-def finish() -> None:
-    # A rank that tears down its group while a peer still reads its last message would
-    # leave that peer waiting: meet first.
-    dist.barrier()
-    dist.destroy_process_group()
+    code = 0
+    try:
+        yield
+        dist.barrier()
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    atexit._run_exitfuncs()
+    os._exit(code)
 
 
 def map_dataset(n: int) -> TensorDataset:
@@ -62,15 +80,12 @@ def run_steps(loader: SelectiveLoader, steps: int, save_at: int | None = None
 def selection_worker(rank: int, world: int, port: int, out_dir: Path, scope: str,
                      steps: int, resume_at: int | None) -> None:
     """Runs ``steps`` steps (saving the loader state after ``resume_at``) and writes ids."""
-    init(rank, world, port)
-    try:
+    with process_group(rank, world, port):
         loader = make_loader(map_dataset(130), world=world, global_super=40, global_batch=8,
                              scope=scope)
         ids, state = run_steps(loader, steps, save_at=resume_at)
         record = {'ids': ids, 'state': state, 'metrics': loader.metrics, 'len': len(loader)}
         (out_dir / f'rank{rank}.json').write_text(json.dumps(record))
-    finally:
-        finish()
 
 
 def streaming_worker(rank: int, world: int, port: int, out_dir: Path, mds_dir: str,
@@ -78,8 +93,7 @@ def streaming_worker(rank: int, world: int, port: int, out_dir: Path, mds_dir: s
     """Two epochs over a streaming dataset whose size does not divide: no rank may hang."""
     from jest_stream import SampleIdStreamingDataset
 
-    init(rank, world, port)
-    try:
+    with process_group(rank, world, port):
         dataset = SampleIdStreamingDataset(local=mds_dir, batch_size=20, shuffle=True,
                                            shuffle_seed=3, num_canonical_nodes=1)
         scorer = ClassificationScorer(tiny_classifier(0), tiny_classifier(1), input_key='x',
@@ -96,5 +110,3 @@ def streaming_worker(rank: int, world: int, port: int, out_dir: Path, mds_dir: s
             epochs.append(ids)
         (out_dir / f'rank{rank}.json').write_text(json.dumps({'epochs': epochs,
                                                                'len': len(loader)}))
-    finally:
-        finish()
