@@ -1,18 +1,21 @@
 """Process scoring over real MDS shards: same selections as inline, bounded staleness, resume.
 
-Scorers here are built from library classes only, so the scorer process never has to
-import this test module (and, through conftest, mosaicml-streaming) to unpickle them.
+Scorers here are built from library classes (and ``counting_scorer``) only, so the scorer
+process never has to import this test module (and, through conftest, mosaicml-streaming) to
+unpickle them.
 """
 
 from __future__ import annotations
 
 import gc
+import time
 
 import psutil
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import features_and_labels, tiny_classifier
+from counting_scorer import CountingScorer
 from torch.utils.data import Dataset, TensorDataset
 
 from jest_stream import ClassificationScorer, SelectiveLoader
@@ -38,19 +41,39 @@ def _train_step(model, optimizer, inputs, targets):
 
 
 def _train(loader, model, optimizer, steps, n_batches, *, ids=lambda b: b['sample_id'],
-           inputs=lambda b: b['x'], targets=lambda b: b['y']):
+           inputs=lambda b: b['x'], targets=lambda b: b['y'], before_steps=None):
     """Sub-batch ids and metrics of ``n_batches`` batches, training ``steps[i]`` optimizer steps
-    on batch ``i``, across epochs."""
+    on batch ``i``, across epochs; ``before_steps(metrics)`` runs before each batch's steps."""
     seen, metrics = [], []
     while len(seen) < n_batches:
         for batch in loader:
             seen.append(ids(batch).tolist())
             metrics.append(dict(loader.metrics))
+            if before_steps is not None:
+                before_steps(metrics)
             for _ in range(steps[len(seen) - 1]):
                 _train_step(model, optimizer, inputs(batch), targets(batch))
             if len(seen) == n_batches:
                 break
     return seen, metrics
+
+
+def _scored_ahead_before_bursts(scorer: CountingScorer, steps: list[int]):
+    """A ``before_steps`` for ``_train``: before updates that follow a stretch without any,
+    wait until the scorer process has answered every request sent (on a busy machine it may
+    lag behind), so that its results predate the burst and must be scored again."""
+
+    def wait(metrics: list[dict]) -> None:
+        i = len(metrics) - 1
+        if i == 0 or steps[i] == 0 or steps[i - 1] != 0:
+            return
+        sent = i + 1 + sum(m['rescored'] for m in metrics) + metrics[-1]['scoring_ahead']
+        deadline = time.monotonic() + 60
+        while scorer.calls() < sent:
+            assert time.monotonic() < deadline, f'{scorer.calls()} of {sent} scored in 60 s'
+            time.sleep(0.01)
+
+    return wait
 
 
 # Settings
@@ -141,7 +164,7 @@ def test_ring_refuses_tensors_without_the_batch_dimension():
 # Process scoring end to end
 
 def test_process_scoring_selects_what_inline_selects_while_the_model_trains(
-        mds_dir, make_streaming):
+        tmp_path, mds_dir, make_streaming):
     # Zero-update stretches let the loader score ahead; the bursts that follow make those
     # results stale, so they are scored again: max_staleness=0 must still match inline.
     steps = [1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2, 1, 1, 3, 0, 1, 1, 1]
@@ -149,11 +172,16 @@ def test_process_scoring_selects_what_inline_selects_while_the_model_trains(
     for scoring in ('inline', 'process'):
         model = tiny_classifier(0)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.5)
+        scorer = CountingScorer(model, tiny_classifier(1), input_key='x', target_key='y',
+                                log=tmp_path / f'{scoring}.calls')
         extra = {'max_staleness': 0, 'sync_every': 1} if scoring == 'process' else {}
+
         with SelectiveLoader(make_streaming(mds_dir, batch_size=50), batch_size=10,
-                             filter_ratio=0.8, scorer=_scorer(model), n_chunks=2, seed=11,
+                             filter_ratio=0.8, scorer=scorer, n_chunks=2, seed=11,
                              scoring=scoring, **extra) as loader:
-            runs[scoring] = _train(loader, model, optimizer, steps, len(steps))
+            wait = _scored_ahead_before_bursts(scorer, steps) if scoring == 'process' else None
+            runs[scoring] = _train(loader, model, optimizer, steps, len(steps),
+                                   before_steps=wait)
             if scoring == 'process':
                 pid = loader.scorer_process.pid
                 startup = loader.scorer_process.startup
