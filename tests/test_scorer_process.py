@@ -58,14 +58,15 @@ def _train(loader, model, optimizer, steps, n_batches, *, ids=lambda b: b['sampl
     return seen, metrics
 
 
-def _scored_ahead_before_bursts(scorer: CountingScorer, steps: list[int]):
-    """A ``before_steps`` for ``_train``: before updates that follow a stretch without any,
-    wait until the scorer process has answered every request sent (on a busy machine it may
-    lag behind), so that its results predate the burst and must be scored again."""
+def _scorer_caught_up(scorer: CountingScorer, steps: list[int] | None = None):
+    """A ``before_steps`` for ``_train``: wait until the scorer process has answered every
+    request sent, so that results scored ahead predate the updates that follow (on a busy
+    machine it may lag behind and score them with newer weights). With ``steps``, only
+    before updates that follow a stretch without any."""
 
     def wait(metrics: list[dict]) -> None:
         i = len(metrics) - 1
-        if i == 0 or steps[i] == 0 or steps[i - 1] != 0:
+        if steps is not None and (i == 0 or steps[i] == 0 or steps[i - 1] != 0):
             return
         sent = i + 1 + sum(m['rescored'] for m in metrics) + metrics[-1]['scoring_ahead']
         deadline = time.monotonic() + 60
@@ -179,7 +180,7 @@ def test_process_scoring_selects_what_inline_selects_while_the_model_trains(
         with SelectiveLoader(make_streaming(mds_dir, batch_size=50), batch_size=10,
                              filter_ratio=0.8, scorer=scorer, n_chunks=2, seed=11,
                              scoring=scoring, **extra) as loader:
-            wait = _scored_ahead_before_bursts(scorer, steps) if scoring == 'process' else None
+            wait = _scorer_caught_up(scorer, steps) if scoring == 'process' else None
             runs[scoring] = _train(loader, model, optimizer, steps, len(steps),
                                    before_steps=wait)
             if scoring == 'process':
@@ -198,16 +199,19 @@ def test_process_scoring_selects_what_inline_selects_while_the_model_trains(
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
 
 
-def test_staleness_is_reported_and_bounded(mds_dir, make_streaming):
+def test_staleness_is_reported_and_bounded(tmp_path, mds_dir, make_streaming):
     # Irregular bursts of updates: results scored ahead are sometimes too stale.
     steps = [1, 1, 1, 1, 3, 1, 0, 1, 4, 1, 1, 1]
     model = tiny_classifier(0)
     optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+    scorer = CountingScorer(model, tiny_classifier(1), input_key='x', target_key='y',
+                            log=tmp_path / 'calls')
     with SelectiveLoader(make_streaming(mds_dir, batch_size=50), batch_size=10,
-                         filter_ratio=0.8, scorer=_scorer(model), n_chunks=2, seed=3,
+                         filter_ratio=0.8, scorer=scorer, n_chunks=2, seed=3,
                          scoring='process', sync_every=2, max_staleness=3,
                          prefetch_depth=3) as loader:
-        _, metrics = _train(loader, model, optimizer, steps, len(steps))
+        _, metrics = _train(loader, model, optimizer, steps, len(steps),
+                            before_steps=_scorer_caught_up(scorer))
         summary = loader.telemetry.summary()
     staleness = [m['staleness'] for m in metrics]
     assert max(staleness) <= 3 and max(staleness) > 0, staleness
