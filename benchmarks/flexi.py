@@ -573,7 +573,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--quick', action='store_true', help='a run of under 3 minutes')
     parser.add_argument('--seed', type=int, default=0)
-    parser.add_argument('--out', type=Path, default=REPO_ROOT / 'results' / 'flexi')
+    parser.add_argument('--out', type=Path, default=REPO_ROOT / 'benchmarks' / 'results' / 'flexi')
     parser.add_argument('--threads', type=int, default=1,
                         help='torch intra-op threads (1 is fastest for these small matrices '
                              'on a shared machine)')

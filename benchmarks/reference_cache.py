@@ -177,7 +177,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument('--part-size', type=int, default=8192, help='samples per cache part')
     parser.add_argument('--steps', type=int, default=20, help='timed loader steps per setting')
     parser.add_argument('--workers', type=int, default=2, help='DataLoader workers')
-    parser.add_argument('--out-dir', type=Path, default=REPO_ROOT / 'results' / 'reference_cache')
+    parser.add_argument('--out-dir', type=Path,
+                        default=REPO_ROOT / 'benchmarks' / 'results' / 'reference_cache')
     return parser.parse_args(argv)
 
 

@@ -74,7 +74,7 @@ class BenchConfig:
     seed: int = 0
     gpu: bool = False
     data_dir: str = str(REPO_ROOT / 'data' / 'fashion-mnist')
-    out_dir: str = str(REPO_ROOT / 'results' / 'scorer_modes')
+    out_dir: str = str(REPO_ROOT / 'benchmarks' / 'results' / 'scorer_modes')
 
 
 @dataclass(frozen=True)
