@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import platform
 import statistics
@@ -53,6 +52,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from benchmarks.records import write_record
 
 __all__ = ['MODES', 'DataPathConfig', 'compare', 'main', 'parse_args', 'run_mode', 'summarise']
 
@@ -420,7 +421,7 @@ def main(config: DataPathConfig) -> dict[str, Any]:
           f'{results["loadavg_end"][0]:.1f}; {results["wall_s"]:.0f} s in all', flush=True)
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / 'data_path.json').write_text(json.dumps(results, indent=2) + '\n')
+    write_record(out / 'data_path.json', results)
     _plot(results, out / 'data_path.png')
     print(f'wrote {out / "data_path.json"} and {out / "data_path.png"}')
     return results

@@ -74,6 +74,7 @@ from benchmarks.fashion_mnist import (
     to_float_images,
 )
 from benchmarks.models import count_parameters, evaluate, train_classifier
+from benchmarks.records import write_record
 from jest_stream import (
     ClassificationScorer,
     ContrastiveScorer,
@@ -819,9 +820,7 @@ def _stem(config: Config) -> str:
 
 
 def _write_json(path: Path, record: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + '.tmp')
-    tmp.write_text(json.dumps(record, indent=1) + '\n')
-    os.replace(tmp, path)
+    write_record(path, record, indent=1)
 
 
 def run_benchmark(config: Config, out: Path, *, resume: bool = False, clean_shm: bool = False,

@@ -60,6 +60,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from benchmarks.records import write_record
+
 __all__ = [
     'METHODS',
     'ScalingConfig',
@@ -636,7 +638,7 @@ def main(config: ScalingConfig) -> dict[str, Any]:
           f'{results["wall_s"]:.0f} s in all' if ratio else 'no speed ratio', flush=True)
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / 'selection_scaling.json').write_text(json.dumps(results, indent=2) + '\n')
+    write_record(out / 'selection_scaling.json', results)
     _plot(results, out / 'selection_scaling.png')
     print(f'wrote {out / "selection_scaling.json"} and {out / "selection_scaling.png"}')
     return results
