@@ -17,6 +17,7 @@ from streaming import StreamingDataset
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from jest_stream.batch import Batch, collate_samples
+from jest_stream.interrupts import interrupts_deferred
 from jest_stream.randomness import SHUFFLE, derive_generator
 
 __all__ = [
@@ -130,7 +131,9 @@ class StreamingSource(SuperBatchSource):
 
     def iter_epoch(self, epoch: int, start: int) -> Iterator[Batch]:
         first = True
-        for batch in self._loader:
+        with interrupts_deferred():  # iter() forks the workers
+            batches = iter(self._loader)
+        for batch in batches:
             if first:
                 streaming_epoch = self.dataset.next_epoch - 1
                 if streaming_epoch != epoch:
@@ -226,7 +229,9 @@ class MapSource(SuperBatchSource):
             collate_fn=collate_samples, pin_memory=self.pin_memory,
             prefetch_factor=self.prefetch_factor if self.num_workers else None,
             timeout=self.timeout if self.num_workers else 0)
-        yield from loader
+        with interrupts_deferred():  # iter() forks the workers
+            batches = iter(loader)
+        yield from batches
 
 
 def make_source(dataset: Dataset | StreamingDataset, *, super_batch_size: int, shuffle: bool,
