@@ -113,6 +113,9 @@ def snapshot(loader):
 
 def main():
     mode, data, report = sys.argv[1:4]
+    # A job started in the background of a non-interactive shell inherits SIGINT ignored;
+    # take Ctrl-C as a terminal would deliver it.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     import time
 
     import torch
