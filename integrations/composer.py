@@ -41,9 +41,13 @@ except ImportError as error:  # pragma: no cover - depends on the environment
 from jest_stream.batch import Batch, batch_length, gather
 from jest_stream.criteria import Criterion, get_criterion
 from jest_stream.losses import per_example_cross_entropy
-from jest_stream.pipeline import SelectionConfig, score_and_select
+from jest_stream.pipeline import (
+    SelectionConfig,
+    check_filter_ratio,
+    resolve_selection,
+    score_and_select,
+)
 from jest_stream.reference import ColumnReference, ReferenceTable, resolve_reference
-from jest_stream.scores import get_selection_method
 from jest_stream.scoring import ClassificationScorer
 from jest_stream.telemetry import score_statistics
 
@@ -221,22 +225,12 @@ class JESTAlgorithm(Algorithm):
         if (filter_ratio is None) == (batch_size is None):
             raise ValueError('give exactly one of filter_ratio=... or batch_size=... (the '
                              'sub-batch size)')
-        if filter_ratio is not None and (isinstance(filter_ratio, bool) or not isinstance(
-                filter_ratio, (int, float)) or not 0.0 <= filter_ratio < 1.0):
-            raise ValueError(
-                f'filter_ratio={filter_ratio!r} must be in [0, 1): it is the fraction of each '
-                f'super-batch left out (0.8 keeps 1 in 5); 1.0 would keep nothing')
+        if filter_ratio is not None:
+            check_filter_ratio(filter_ratio)
         if batch_size is not None and (isinstance(batch_size, bool)
                                        or not isinstance(batch_size, int) or batch_size <= 0):
             raise ValueError(f'batch_size={batch_size!r} must be a positive int')
-        crit = get_criterion(criterion)
-        if method is None:
-            method = 'joint' if crit.scores else 'uniform'
-        get_selection_method(method)
-        if (method == 'uniform') != (not crit.scores):
-            raise ValueError(
-                f'criterion={crit.name!r} with method={method!r}: uniform selection scores '
-                f'nothing, so use criterion="uniform" with method="uniform" (or method=None)')
+        crit, method = resolve_selection(criterion, method)
         if scorer_factory is not None and reference is not None:
             raise ValueError('give reference= to the default scorer, or build the scorer with '
                              'scorer_factory=, not both (the factory chooses its own reference)')

@@ -30,16 +30,20 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from jest_stream.batch import Batch, batch_length, gather
-from jest_stream.criteria import Criterion, get_criterion
+from jest_stream.criteria import Criterion
 from jest_stream.distributed import (
     SELECTION_SCOPES,
     CommStats,
     global_score_and_select,
     rank_and_world,
 )
-from jest_stream.pipeline import SelectionConfig, score_and_select
+from jest_stream.pipeline import (
+    SelectionConfig,
+    check_filter_ratio,
+    resolve_selection,
+    score_and_select,
+)
 from jest_stream.scorer_process import ProcessScoring, check_picklable, process_settings
-from jest_stream.scores import get_selection_method
 from jest_stream.source import ID_KEY, SuperBatchSource, make_source, sample_ids_of
 from jest_stream.telemetry import LoaderTelemetry
 from jest_stream.transfer import DevicePrefetcher
@@ -61,10 +65,7 @@ def super_batch_size_for(batch_size: int, filter_ratio: float) -> int:
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
         raise ValueError(f'batch_size={batch_size!r} must be a positive int')
-    if not isinstance(filter_ratio, (int, float)) or not 0.0 <= filter_ratio < 1.0:
-        raise ValueError(
-            f'filter_ratio={filter_ratio!r} must be in [0, 1): it is the fraction of each '
-            f'super-batch left out (0.8 keeps 1 in 5); 1.0 would keep nothing')
+    check_filter_ratio(filter_ratio)
     exact = batch_size / (1.0 - filter_ratio)
     size = round(exact)
     if abs(size - exact) > 1e-6 * exact:
@@ -193,14 +194,7 @@ class SelectiveLoader(DataLoader):
                 raise ValueError(f'super_batch_size={super_batch_size!r} must be an int >= '
                                  f'batch_size={batch_size}')
             big = super_batch_size
-        crit = get_criterion(criterion)
-        if method is None:
-            method = 'joint' if crit.scores else 'uniform'
-        get_selection_method(method)
-        if (method == 'uniform') != (not crit.scores):
-            raise ValueError(
-                f'criterion={crit.name!r} with method={method!r}: uniform selection scores '
-                f'nothing, so use criterion="uniform" with method="uniform" (or method=None)')
+        crit, method = resolve_selection(criterion, method)
         if crit.scores and (scorer is None or not callable(scorer)):
             raise ValueError(f'criterion={crit.name!r} needs a scorer, e.g. '
                              f'jest_stream.ClassificationScorer(model, reference)')

@@ -15,12 +15,37 @@ from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode
 
 from jest_stream.batch import Batch
-from jest_stream.criteria import Criterion
+from jest_stream.criteria import Criterion, get_criterion
 from jest_stream.randomness import SELECTION, derive_generator
-from jest_stream.scores import select
+from jest_stream.scores import get_selection_method, select
 from jest_stream.scoring import as_batch_scores
 
-__all__ = ['SelectionConfig', 'SelectionResult', 'score_and_select']
+__all__ = ['SelectionConfig', 'SelectionResult', 'check_filter_ratio', 'resolve_selection',
+           'score_and_select']
+
+
+def check_filter_ratio(filter_ratio: float) -> None:
+    """Raises unless ``filter_ratio``, the fraction of each super-batch left out, is in [0, 1)."""
+    if isinstance(filter_ratio, bool) or not isinstance(filter_ratio, (int, float)) \
+            or not 0.0 <= filter_ratio < 1.0:
+        raise ValueError(
+            f'filter_ratio={filter_ratio!r} must be in [0, 1): it is the fraction of each '
+            f'super-batch left out (0.8 keeps 1 in 5); 1.0 would keep nothing')
+
+
+def resolve_selection(criterion: str | Criterion, method: str | None) -> tuple[Criterion, str]:
+    """The criterion, and the selection method (``None``: joint for a scoring criterion,
+    uniform otherwise); raises for unknown names and for uniform mixed with scoring."""
+    crit = get_criterion(criterion)
+    if method is None:
+        method = 'joint' if crit.scores else 'uniform'
+    get_selection_method(method)
+    if (method == 'uniform') != (not crit.scores):
+        raise ValueError(
+            f'criterion={crit.name!r} with method={method!r}: uniform selection scores '
+            f'nothing, so use criterion="uniform" with method="uniform" (or method=None)')
+    return crit, method
+
 
 
 @dataclass(frozen=True)
