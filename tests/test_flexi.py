@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ from streaming import MDSWriter
 from torch import Tensor, nn
 
 from jest_stream import ClassificationScorer, SelectiveLoader, get_criterion
+from jest_stream.errors import DataError, MissingColumnError, SettingError, SettingTypeError
 from jest_stream.flexi import (
     FlexiForward,
     FlexiPatchEmbed,
@@ -127,15 +129,18 @@ def test_bilinear_downsample_antialiases_and_rounds_the_size():
     torch.testing.assert_close(out, torch.ones_like(out))
 
 
-@pytest.mark.parametrize('factor', [0.5, 0, True, '2'])
-def test_bad_factor_is_refused(factor):
-    with pytest.raises(ValueError, match='factor'):
+@pytest.mark.parametrize('factor,error', [(0.5, SettingError), (0, SettingError),
+                                          (True, SettingTypeError), ('2', SettingTypeError)])
+def test_bad_factor_is_refused(factor, error):
+    with pytest.raises(error, match='factor'):
         LowResolution(factor)
 
 
 def test_unknown_mode_is_refused_with_the_choices():
-    with pytest.raises(ValueError, match="'area', 'bilinear'"):
+    with pytest.raises(SettingError, match="'area', 'bilinear'"):
         downsample(torch.zeros(1, 4, 4), 2, mode='nearest')
+    with pytest.raises(DataError, match=r'no \[H, W\]'):
+        downsample(torch.zeros(4), 2)
 
 
 def test_low_resolution_as_input_transform_scores_the_learner_only_at_low_resolution():
@@ -208,13 +213,17 @@ def test_patch_embed_shapes_and_errors():
     assert embed(images, patch_size=7).shape == (2, 16, 4)
     assert embed(images, patch_size=14).shape == (2, 4, 4)
     assert embed.weight_at(7).shape == (4, 1, 7, 7)
-    with pytest.raises(ValueError, match=r'patch_size=5 does not divide the image size 28x28; '
+    with pytest.raises(SettingError, match=r'patch_size=5 does not divide the image size 28x28; '
                                          r'patch sizes that do: \[1, 2, 4, 7, 14, 28\]'):
         embed(images, patch_size=5)
-    with pytest.raises(ValueError, match=r'\[B, 1, H, W\]'):
+    with pytest.raises(DataError, match=r'\[B, 1, H, W\]'):
         embed(torch.zeros(2, 3, 28, 28))
-    with pytest.raises(ValueError, match='patch_size'):
+    with pytest.raises(SettingError, match='patch_size'):
         embed(images, patch_size=0)
+    with pytest.raises(SettingTypeError, match='patch_size'):
+        embed(images, patch_size=7.0)
+    with pytest.raises(DataError, match='square patch'):
+        pi_resize(torch.zeros(2, 3, 4), 5)
 
 
 def test_gradients_reach_the_base_weights_through_the_resize():
@@ -249,12 +258,232 @@ def test_resized_weights_are_cached_without_gradients_and_rebuilt_after_a_step()
         assert embed.weight_at(3).abs().sum() == 0
 
 
+# The resized-weight cache sees every kind of update of the base weights
+
+SCORED_PATCH = 4
+
+
+def image_batch(seed: int, n: int = 16) -> dict[str, Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return {'image': torch.randint(0, 256, (n, IMAGE_SIDE, IMAGE_SIDE), generator=generator,
+                                   dtype=torch.uint8),
+            'label': torch.randint(0, N_LABELS, (n,), generator=generator)}
+
+
+def flexi_scores(model: TinyFlexi, batch: dict[str, Tensor]) -> Tensor:
+    """Hard-learner scores of ``model`` at patch :data:`SCORED_PATCH`, as a scorer sees them."""
+    dtype = model.embed.weight.dtype
+    forward = FlexiForward(input_key='image', patch_size=SCORED_PATCH, learner=model,
+                           preprocess=lambda images: as_float(images).to(dtype))
+    scorer = ClassificationScorer(model, None, target_key='label', forward=forward)
+    n = batch['label'].shape[0]
+    return scorer(batch, torch.arange(n), get_criterion('hard_learner')).scores
+
+
+def fresh_copy(model: TinyFlexi) -> TinyFlexi:
+    """A new model, never used before, holding ``model``'s current state."""
+    fresh = TinyFlexi(99).to(model.embed.weight.dtype)
+    fresh.load_state_dict(model.state_dict())
+    return fresh
+
+
+def assert_scores_like_a_fresh_model(model: TinyFlexi, batch: dict[str, Tensor]) -> None:
+    fresh = fresh_copy(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model.embed.weight_at(SCORED_PATCH),
+                                   fresh.embed.weight_at(SCORED_PATCH), rtol=0, atol=0)
+    torch.testing.assert_close(flexi_scores(model, batch), flexi_scores(fresh, batch),
+                               rtol=0, atol=0)
+
+
+def scored_learner(seed: int = 0) -> TinyFlexi:
+    """A learner that has been scored once, so its resized weights are cached."""
+    model = TinyFlexi(seed)
+    flexi_scores(model, image_batch(100))
+    return model
+
+
+def train_step(model: TinyFlexi, optimizer: torch.optim.Optimizer, batch: dict[str, Tensor]
+               ) -> None:
+    mixed = MixedResolution(patch_sizes=(2, SCORED_PATCH))(batch)
+    loss = mixed_resolution_loss(model, mixed, F.cross_entropy, preprocess=as_float)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+
+
+OPTIMIZERS = {'SGD': (torch.optim.SGD, {'lr': 0.5, 'momentum': 0.9}),
+              'Adam': (torch.optim.Adam, {'lr': 0.05}),
+              'AdamW': (torch.optim.AdamW, {'lr': 0.05, 'weight_decay': 0.1})}
+FLAVOURS = {'for-loop': {'foreach': False}, 'foreach': {'foreach': True},
+            'fused': {'fused': True}}
+
+
+def make_optimizer(name: str, flavour: str, params) -> torch.optim.Optimizer:
+    optimizer_class, settings = OPTIMIZERS[name]
+    try:
+        return optimizer_class(params, **settings, **FLAVOURS[flavour])
+    except RuntimeError as error:  # a build of torch without this fused kernel on the CPU
+        pytest.skip(f'{name}({flavour}) is not supported here: {error}')
+
+
+@pytest.mark.parametrize('flavour', list(FLAVOURS))
+@pytest.mark.parametrize('name', list(OPTIMIZERS))
+def test_scores_after_optimizer_steps_match_a_fresh_model(name, flavour):
+    """Fused optimizers do not bump the weights' version counters; the cache must see them."""
+    model = scored_learner()
+    optimizer = make_optimizer(name, flavour, model.parameters())
+    for step in range(3):
+        before = model.embed.weight.detach().clone()
+        train_step(model, optimizer, image_batch(step))
+        assert not torch.equal(model.embed.weight, before)
+        assert_scores_like_a_fresh_model(model, image_batch(200 + step))
+
+
+def test_topk_over_training_with_a_fused_optimizer_matches_a_fresh_model():
+    """Score, select, train on the selection, again: what Flexi-JEST does with fused Adam."""
+    model = TinyFlexi(0)
+    optimizer = make_optimizer('Adam', 'fused', model.parameters())
+    for step in range(6):
+        super_batch = image_batch(300 + step, n=32)
+        scores = flexi_scores(model, super_batch)
+        expected = flexi_scores(fresh_copy(model), super_batch)
+        torch.testing.assert_close(scores, expected, rtol=0, atol=0)
+        chosen = torch.topk(scores, 8).indices
+        assert torch.equal(chosen, torch.topk(expected, 8).indices)
+        train_step(model, optimizer, {key: column[chosen] for key, column in super_batch.items()})
+
+
+def _write_through_data(model: TinyFlexi) -> None:
+    model.embed.weight.data.add_(0.25)
+
+
+def _copy_through_data(model: TinyFlexi) -> None:
+    model.embed.weight.data.copy_(torch.linspace(-1, 1, model.embed.weight.numel())
+                                  .reshape(model.embed.weight.shape))
+
+
+def _assign_data(model: TinyFlexi) -> None:
+    model.embed.weight.data = model.embed.weight.data * -1.5
+
+
+def _write_under_no_grad(model: TinyFlexi) -> None:
+    with torch.no_grad():
+        model.embed.weight.mul_(-2.0)
+
+
+def _write_under_inference_mode(model: TinyFlexi) -> None:
+    with torch.inference_mode():
+        model.embed.weight.add_(1.0)
+
+
+def _write_to_detached(model: TinyFlexi) -> None:
+    model.embed.weight.detach().sub_(0.5)
+
+
+def _load_state_dict(model: TinyFlexi) -> None:
+    model.load_state_dict(TinyFlexi(7).state_dict())
+
+
+def _load_state_dict_assign(model: TinyFlexi) -> None:
+    model.load_state_dict(TinyFlexi(8).state_dict(), assign=True)
+
+
+def _reset_parameters(model: TinyFlexi) -> None:
+    model.embed.reset_parameters(torch.Generator().manual_seed(9))
+
+
+def _to_float64(model: TinyFlexi) -> None:
+    model.double()
+
+
+def _to_float64_and_back_with_a_write_between(model: TinyFlexi) -> None:
+    model.double()
+    with torch.no_grad():
+        model.embed.weight.add_(1.0)
+    model.float()
+
+
+def _to_bfloat16(model: TinyFlexi) -> None:
+    model.to(torch.bfloat16)
+
+
+WRITES = [_write_through_data, _copy_through_data, _assign_data, _write_under_no_grad,
+          _write_under_inference_mode, _write_to_detached, _load_state_dict,
+          _load_state_dict_assign, _reset_parameters, _to_float64,
+          _to_float64_and_back_with_a_write_between, _to_bfloat16]
+
+
+@pytest.mark.parametrize('write', WRITES, ids=lambda write: write.__name__.strip('_'))
+def test_scores_after_a_write_to_the_weights_match_a_fresh_model(write):
+    model = scored_learner()
+    before = model.embed.weight.detach().clone()
+    write(model)
+    after = model.embed.weight.detach()
+    assert after.dtype != before.dtype or not torch.equal(after, before)
+    assert_scores_like_a_fresh_model(model, image_batch(400))
+
+
+def _scale_in_another_process(weight: Tensor) -> None:
+    weight.data.mul_(3.0)
+
+
+def test_a_write_by_another_process_into_shared_memory_is_seen():
+    """A learner in shared memory (a Hogwild trainer, say) is written where no counter sees."""
+    model = TinyFlexi(0)
+    model.share_memory()
+    flexi_scores(model, image_batch(100))
+    before = model.embed.weight.detach().clone()
+    writer = multiprocessing.get_context('fork').Process(target=_scale_in_another_process,
+                                                         args=(model.embed.weight,))
+    writer.start()
+    writer.join(timeout=60)
+    assert writer.exitcode == 0
+    torch.testing.assert_close(model.embed.weight.detach(), before * 3.0)
+    assert_scores_like_a_fresh_model(model, image_batch(400))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
+def test_moves_between_devices_are_seen():
+    model = scored_learner().cuda()
+    with torch.no_grad():
+        on_device = model.embed.weight_at(SCORED_PATCH)
+        assert on_device.device.type == 'cuda'
+        model.embed.weight.add_(1.0)
+        model.cpu()
+        torch.testing.assert_close(model.embed.weight_at(SCORED_PATCH),
+                                   pi_resize(model.embed.weight.detach(), SCORED_PATCH))
+
+
+def test_unchanged_weights_reuse_the_cache_and_any_change_rebuilds_it():
+    model = scored_learner()
+    with torch.no_grad():
+        cached = model.embed.weight_at(SCORED_PATCH)
+        assert model.embed.weight_at(SCORED_PATCH) is cached
+        model.embed.weight.data[0, 0, 0, 0] += 1e-3
+        rebuilt = model.embed.weight_at(SCORED_PATCH)
+    assert rebuilt is not cached
+    torch.testing.assert_close(rebuilt, pi_resize(model.embed.weight.detach(), SCORED_PATCH),
+                               rtol=0, atol=0)
+
+
+def test_a_cache_built_in_inference_mode_serves_a_frozen_module_under_autograd():
+    model = TinyFlexi(0).requires_grad_(False)
+    images = torch.rand(2, 1, IMAGE_SIDE, IMAGE_SIDE)
+    with torch.inference_mode():
+        model(images, patch_size=SCORED_PATCH)
+    inputs = images.clone().requires_grad_(True)
+    model(inputs, patch_size=SCORED_PATCH).sum().backward()
+    assert inputs.grad.abs().sum() > 0
+
+
 def test_position_embeddings_resize_to_the_new_grid():
     positions = torch.arange(49 * 2, dtype=torch.float32).reshape(49, 2)
     resized = resize_position_embeddings(positions, (7, 7), (4, 4))
     assert resized.shape == (16, 2)
     assert resize_position_embeddings(positions, (7, 7), (7, 7)) is positions
-    with pytest.raises(ValueError, match='7x7'):
+    with pytest.raises(DataError, match='7x7'):
         resize_position_embeddings(positions[:40], (7, 7), (4, 4))
 
 
@@ -272,8 +501,10 @@ def test_flexi_forward_scores_the_learner_at_a_larger_patch_size_and_the_referen
                                     reduction='none')
                     - F.cross_entropy(reference(images), batch['label'], reduction='none'))
     torch.testing.assert_close(scores, expected)
-    with pytest.raises(ValueError, match='patch_size=... or input_transform'):
+    with pytest.raises(SettingError, match='patch_size=... or input_transform'):
         FlexiForward(input_key='image')
+    with pytest.raises(SettingTypeError, match='learner must be the nn.Module'):
+        FlexiForward(patch_size=4, learner=lambda x: x)
 
 
 # Mixed resolution
@@ -304,18 +535,27 @@ def test_split_adds_one_row_aligned_column_and_keeps_everything_else():
 
 def test_split_refuses_bad_settings_and_batches():
     batch = {'image': torch.zeros(4, 1, 4, 4), 'label': torch.zeros(4)}
-    with pytest.raises(ValueError, match='exactly one of factor'):
+    with pytest.raises(SettingError, match='exactly one of factor'):
         MixedResolution(factor=2, patch_sizes=(2, 4))
-    with pytest.raises(ValueError, match='exactly one of factor'):
+    with pytest.raises(SettingError, match='exactly one of factor'):
         MixedResolution()
-    with pytest.raises(ValueError, match='low_fraction'):
+    with pytest.raises(SettingError, match='low_fraction'):
         MixedResolution(factor=2, low_fraction=1.5)
-    with pytest.raises(TypeError, match='dict batches'):
+    with pytest.raises(SettingTypeError, match='low_fraction'):
+        MixedResolution(factor=2, low_fraction='half')
+    with pytest.raises(SettingError, match='a pair'):
+        MixedResolution(patch_sizes=(2, 4, 8))
+    with pytest.raises(SettingTypeError, match='dict batches'):
         split_mixed_resolution([batch['image'], batch['label']], factor=2)
-    with pytest.raises(KeyError, match='columns are'):
+    with pytest.raises(MissingColumnError, match='columns are'):
         split_mixed_resolution(batch, key='pixels', factor=2)
-    with pytest.raises(ValueError, match='applied twice'):
+    with pytest.raises(DataError, match='Tensor of images'):
+        split_mixed_resolution({'image': torch.zeros(4)}, factor=2)
+    with pytest.raises(DataError, match='applied twice'):
         split_mixed_resolution(split_mixed_resolution(batch, factor=2), factor=2)
+    both = {**split_mixed_resolution(batch, factor=2), patch_size_column('image'): torch.ones(4)}
+    with pytest.raises(DataError, match='one way only'):
+        resolution_groups(both)
 
 
 def test_mixed_forward_returns_outputs_in_row_order_with_gradients():
