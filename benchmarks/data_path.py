@@ -34,33 +34,36 @@ With ``--gpu`` where CUDA exists the same three modes run on the GPU (pinned hos
 batches; the plain DataLoader's batches are copied with ``non_blocking=True``).
 
 Results go to ``benchmarks/results/data_path/`` (``data_path.json`` and
-``data_path.png``).
+``data_path.png``; ``data_path_quick.*`` for ``--quick``).
 """
 
 from __future__ import annotations
 
-import argparse
 import gc
 import os
-import platform
 import statistics
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
-from benchmarks.records import write_record
+from benchmarks.common import report
+from benchmarks.common.data import open_streaming, prepare
+from benchmarks.common.models import make_cnn
+from benchmarks.common.tasks import classification_scorer
+from benchmarks.common.training import LOADER_TIMINGS, synchronize
+from jest_stream import SampleIdStreamingDataset, SelectiveLoader
+from jest_stream.batch import batch_length, move_to_device
 
-__all__ = ['MODES', 'DataPathConfig', 'compare', 'main', 'parse_args', 'run_mode', 'summarise']
+__all__ = ['MODES', 'DataPathConfig', 'cli', 'compare', 'main', 'parse_args', 'run_mode',
+           'summarise']
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-RESULTS_DIR = REPO_ROOT / 'benchmarks' / 'results' / 'data_path'
 MODES = ('raw', 'uniform', 'learnability')
-_TIMINGS = ('wait_s', 'transfer_s', 'score_s', 'select_s')
 
 
 @dataclass(frozen=True)
@@ -80,57 +83,30 @@ class DataPathConfig:
     gpu: bool = False
     clean_shm: bool = False
     num_canonical_nodes: int | None = None
-    data_dir: str = str(REPO_ROOT / 'data' / 'fashion-mnist')
-    out_dir: str = str(RESULTS_DIR)
+    quick: bool = False
+    data_dir: str = str(report.REPO_ROOT / 'data' / 'fashion-mnist')
 
     @property
     def filter_ratio(self) -> float:
         return 1.0 - self.batch_size / self.super_batch_size
 
 
-def _open_dataset(make: Callable[[], Any], attempts: int = 5) -> Any:
-    # Streaming picks a free shared-memory prefix, then creates it: another process that
-    # starts a dataset between the two steps makes the creation fail. Pick again.
-    for attempt in range(attempts):
-        try:
-            return make()
-        except FileExistsError:
-            if attempt + 1 == attempts:
-                raise
-            time.sleep(0.2 * (attempt + 1))
-    raise AssertionError('unreachable')
-
-
 def _dataset(mode: str, pool: Path, config: DataPathConfig) -> Any:
     from streaming import StreamingDataset
 
-    from jest_stream import SampleIdStreamingDataset
-
     cls = StreamingDataset if mode == 'raw' else SampleIdStreamingDataset
-    return _open_dataset(lambda: cls(
+    return open_streaming(lambda: cls(
         local=str(pool), batch_size=config.super_batch_size, shuffle=True,
         shuffle_seed=config.seed, num_canonical_nodes=config.num_canonical_nodes))
 
 
 def _scorer(config: DataPathConfig, device: str) -> Any:
-    from benchmarks.fashion_mnist import batch_logits
-    from benchmarks.models import make_cnn
-    from jest_stream import ClassificationScorer
-
     learner = make_cnn(config.seed, hidden=config.hidden).to(device)
     reference = make_cnn(config.seed + 1, hidden=config.hidden).to(device)
-    return ClassificationScorer(learner, reference, target_key='label', forward=batch_logits)
-
-
-def _batch_rows(batch: Any) -> int:
-    from jest_stream.batch import batch_length
-
-    return batch_length(batch)
+    return classification_scorer(learner, reference)
 
 
 def _raw_batches(loader: Any, device: str) -> Iterator[tuple[Any, dict[str, Any] | None]]:
-    from jest_stream.batch import move_to_device
-
     for batch in loader:
         if device != 'cpu':
             batch = move_to_device(batch, torch.device(device), non_blocking=True)
@@ -140,11 +116,6 @@ def _raw_batches(loader: Any, device: str) -> Iterator[tuple[Any, dict[str, Any]
 def _selective_batches(loader: Any) -> Iterator[tuple[Any, dict[str, Any] | None]]:
     for batch in loader:
         yield batch, dict(loader.metrics)
-
-
-def _sync(device: str) -> None:
-    if device.startswith('cuda'):
-        torch.cuda.synchronize()
 
 
 def run_mode(mode: str, pool: str | Path, config: DataPathConfig, *, device: str = 'cpu'
@@ -174,8 +145,6 @@ def run_mode(mode: str, pool: str | Path, config: DataPathConfig, *, device: str
 def _run_mode(mode: str, pool: Path, config: DataPathConfig, device: str) -> dict[str, Any]:
     from torch.utils.data import DataLoader
 
-    from jest_stream import SelectiveLoader
-
     cuda = device.startswith('cuda')
     timed = config.scored_batches if mode == 'learnability' else config.batches
     load_before = os.getloadavg()
@@ -198,12 +167,12 @@ def _run_mode(mode: str, pool: Path, config: DataPathConfig, device: str) -> dic
     start = time.perf_counter()
     first_batch_s = window_start = None
     for index, (batch, batch_metrics) in enumerate(batches):
-        rows = _batch_rows(batch)
+        rows = batch_length(batch)
         if index == 0:
-            _sync(device)
+            synchronize(device)
             first_batch_s = time.perf_counter() - start
         if index == config.warmup - 1 or (config.warmup == 0 and index == 0):
-            _sync(device)
+            synchronize(device)
             window_start = time.perf_counter() if config.warmup else start
         if index >= config.warmup:
             count += 1
@@ -213,7 +182,7 @@ def _run_mode(mode: str, pool: Path, config: DataPathConfig, device: str) -> dic
                 metrics.append(batch_metrics)
         if index + 1 >= config.warmup + timed:
             break
-    _sync(device)
+    synchronize(device)
     elapsed = time.perf_counter() - window_start if window_start is not None else 0.0
     batches.close()
     del batches, loader, dataset
@@ -230,7 +199,7 @@ def _run_mode(mode: str, pool: Path, config: DataPathConfig, device: str) -> dic
     }
     if metrics:
         out['telemetry'] = {key: statistics.fmean(m.get(key, 0.0) for m in metrics)
-                            for key in _TIMINGS}
+                            for key in LOADER_TIMINGS}
         out['telemetry']['interval_s'] = elapsed / count
     return out
 
@@ -238,18 +207,18 @@ def _run_mode(mode: str, pool: Path, config: DataPathConfig, device: str) -> dic
 def compare(pool: str | Path, config: DataPathConfig, *, device: str = 'cpu',
             modes: tuple[str, ...] = MODES, echo: bool = True) -> list[dict[str, Any]]:
     """Every mode once per round, the order rotating, so slow phases hit every mode."""
+    plan = [(round_index, mode) for round_index in range(config.rounds)
+            for mode in modes[round_index % len(modes):] + modes[:round_index % len(modes)]]
     runs = []
-    for round_index in range(config.rounds):
-        shift = round_index % len(modes)
-        for mode in modes[shift:] + modes[:shift]:
-            result = run_mode(mode, pool, config, device=device)
-            result['round'] = round_index
-            runs.append(result)
-            if echo:
-                print(f'  {device} round {round_index + 1}/{config.rounds} {mode:>12}: '
-                      f'{result["drawn_per_s"]:8.0f} drawn/s {result["delivered_per_s"]:8.0f} '
-                      f'delivered/s ({result["batches"]} super-batches, load '
-                      f'{result["loadavg_after"][0]:.1f})', flush=True)
+    for round_index, mode in tqdm(plan, desc=f'{device} runs', unit='run', disable=not echo):
+        result = run_mode(mode, pool, config, device=device)
+        result['round'] = round_index
+        runs.append(result)
+        if echo:
+            tqdm.write(f'  {device} round {round_index + 1}/{config.rounds} {mode:>12}: '
+                       f'{result["drawn_per_s"]:8.0f} drawn/s {result["delivered_per_s"]:8.0f} '
+                       f'delivered/s ({result["batches"]} super-batches, load '
+                       f'{result["loadavg_after"][0]:.1f})')
     return runs
 
 
@@ -332,14 +301,8 @@ def gpu_section(pool: Path, config: DataPathConfig) -> dict[str, Any]:
 
 
 def _plot(results: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-
-    sections = [('cpu', results['cpu']['summary'])]
-    if results.get('gpu', {}).get('available'):
-        sections.append(('cuda', results['gpu']['summary']))
+    plt = report.pyplot()
+    sections = report.device_sections(results)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     labels, heights, dots = [], [], []
     for device, summary in sections:
@@ -375,34 +338,25 @@ def _plot(results: dict[str, Any], path: Path) -> None:
     config = results['config']
     fig.suptitle(f'data path, Fashion-MNIST pool, B={config["super_batch_size"]}, '
                  f'b={config["batch_size"]}, {config["num_workers"]} workers; load '
-                 f'{results["loadavg_start"][0]:.1f} at the start', fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+                 f'{results["run"]["loadavg_start"][0]:.1f} at the start', fontsize=9)
+    report.save_figure(fig, path)
 
 
-def main(config: DataPathConfig) -> dict[str, Any]:
-    from benchmarks.fashion_mnist import prepare
-
+def main(config: DataPathConfig, out: Path, argv: Sequence[str] | None = None
+         ) -> dict[str, Any]:
+    """Run every mode; write ``data_path.json`` and ``data_path.png`` to ``out``."""
     if config.clean_shm:
         from streaming.base.util import clean_stale_shared_memory
 
         clean_stale_shared_memory()
-    if config.threads is not None:
-        torch.set_num_threads(config.threads)
-    started = time.perf_counter()
+    run = report.start_run('data_path', argv, threads=config.threads)
     data = prepare(config.data_dir)
-    results: dict[str, Any] = {
-        'benchmark': 'data_path', 'config': asdict(config),
-        'filter_ratio': config.filter_ratio, 'platform': platform.platform(),
-        'cores': os.cpu_count(), 'torch': torch.__version__,
-        'python': platform.python_version(), 'threads': torch.get_num_threads(),
-        'data': data.summary(), 'loadavg_start': os.getloadavg(),
-    }
-    print(f'{os.cpu_count()} cores, load {results["loadavg_start"][0]:.1f}; '
-          f'{results["threads"]} torch thread(s) in the main process, {config.num_workers} '
-          f'workers; B={config.super_batch_size}, b={config.batch_size}; pool of '
-          f'{data.n_pool} images; {config.rounds} interleaved rounds', flush=True)
+    results: dict[str, Any] = {'config': asdict(config), 'filter_ratio': config.filter_ratio,
+                               'data': data.summary(), 'run': run}
+    print(f'{os.cpu_count()} cores, load {run["loadavg_start"][0]:.1f}; {run["threads"]} torch '
+          f'thread(s) in the main process, {config.num_workers} workers; '
+          f'B={config.super_batch_size}, b={config.batch_size}; pool of {data.n_pool} images; '
+          f'{config.rounds} interleaved rounds', flush=True)
     runs = compare(data.pool_dir, config)
     summary = summarise(runs)
     results['cpu'] = {'runs': runs, 'summary': summary}
@@ -410,49 +364,48 @@ def main(config: DataPathConfig) -> dict[str, Any]:
     _print_summary(summary, config, 'CPU, medians:')
     if config.gpu:
         results['gpu'] = gpu_section(data.pool_dir, config)
-    results['loadavg_end'] = os.getloadavg()
-    results['wall_s'] = time.perf_counter() - started
+    results['run'] = report.finish_run(run)
     ratios = summary['ratios']
     target = results['targets']
     print(f'\nuniform / raw: {target["uniform_over_raw"]:.3f} (median of paired rounds; '
           f'{ratios["uniform_over_raw"]["of_medians"]:.3f} of medians; target >= 0.95: '
           f'{"met" if target["uniform_met"] else "NOT met"}); learnability / raw: '
           f'{ratios["learnability_over_raw"]["median_paired"]:.3f}; load '
-          f'{results["loadavg_end"][0]:.1f}; {results["wall_s"]:.0f} s in all', flush=True)
-    out = Path(config.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_record(out / 'data_path.json', results)
-    _plot(results, out / 'data_path.png')
-    print(f'wrote {out / "data_path.json"} and {out / "data_path.png"}')
+          f'{results["run"]["loadavg_end"][0]:.1f}; {results["run"]["wall_s"]:.0f} s in all',
+          flush=True)
+    report.write_report(results, *report.report_paths(out, 'data_path', config.quick), _plot)
     return results
 
 
-def parse_args(argv: list[str] | None = None) -> DataPathConfig:
-    """The configuration the command line asks for."""
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('--quick', action='store_true', help='a smoke run')
+def parse_args(argv: Sequence[str] | None = None) -> tuple[DataPathConfig, Any]:
+    """The configuration and the other arguments (``out``)."""
+    parser = report.benchmark_parser('data_path', __doc__.split('\n\n')[0], threads="torch's",
+                              quick='one round, 30 timed super-batches (10 scored)')
     parser.add_argument('--gpu', action='store_true', help='also measure on CUDA')
     parser.add_argument('--rounds', type=int, help='interleaved rounds')
     parser.add_argument('--batches', type=int, help='timed super-batches per run (unscored)')
     parser.add_argument('--scored-batches', type=int, help='timed super-batches per scored run')
     parser.add_argument('--workers', type=int, help='DataLoader workers (default 2)')
-    parser.add_argument('--threads', type=int,
-                        help="torch threads of the main process (default: torch's own)")
     parser.add_argument('--clean-shm', action='store_true',
                         help="run streaming's clean_stale_shared_memory() first: it removes "
                              'the streaming segments of every process on this machine, so only '
                              'after a killed run and never beside other streaming jobs')
-    parser.add_argument('--out-dir', help='where the JSON and the plot go')
     args = parser.parse_args(argv)
     config = DataPathConfig(gpu=args.gpu, clean_shm=args.clean_shm)
     if args.quick:
-        config = replace(config, rounds=1, batches=30, scored_batches=10)
+        config = replace(config, rounds=1, batches=30, scored_batches=10, quick=True)
     overrides = {'rounds': args.rounds, 'batches': args.batches,
                  'scored_batches': args.scored_batches, 'num_workers': args.workers,
-                 'threads': args.threads, 'out_dir': args.out_dir}
+                 'threads': args.threads}
     return replace(config, **{key: value for key, value in overrides.items()
-                              if value is not None})
+                              if value is not None}), args
+
+
+def cli(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """``python -m benchmarks.data_path``."""
+    config, args = parse_args(argv)
+    return main(config, args.out, argv)
 
 
 if __name__ == '__main__':
-    main(parse_args())
+    cli()

@@ -22,59 +22,45 @@ What happens:
    average), the share of corrupted labels in each selected set, and the scoring and
    training FLOPs, counted with ``FlopCounterMode``.
 
-Results go to ``results/flexi/`` (``flexi.json`` and ``flexi.png``).
+Results go to ``benchmarks/results/flexi/`` (``flexi.json`` and ``flexi.png``;
+``flexi_quick.*`` for ``--quick``).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import platform
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy.stats import rankdata
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
-from benchmarks.fashion_mnist import (
+from benchmarks.common import report, stats
+from benchmarks.common.data import (
     load_fashion_mnist,
     split_clean,
     symmetric_label_noise,
     to_float_images,
 )
-from benchmarks.models import count_parameters
-from benchmarks.vit import make_vit
-from jest_stream.criteria import get_criterion
-from jest_stream.flexi import (
+from benchmarks.common.models import count_parameters, make_pooled_cnn, make_vit
+from benchmarks.common.training import evaluate, train_on_arrays
+from jest_stream import (
+    ClassificationScorer,
     FlexiForward,
-    LowResolution,
-    MixedResolution,
+    get_criterion,
     mixed_resolution_loss,
+    score_flops,
+    topk_select,
+    train_step_flops,
 )
-from jest_stream.flops import score_flops, train_step_flops
-from jest_stream.scoring import ClassificationScorer
-from jest_stream.selection import topk_select
+from jest_stream.flexi import LowResolution, MixedResolution
 
-__all__ = [
-    'FlexiConfig',
-    'PooledCNN',
-    'accuracy',
-    'main',
-    'make_pooled_cnn',
-    'parse_args',
-    'rankdata',
-    'run',
-    'spearman',
-    'train_mixed',
-]
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
+__all__ = ['FlexiConfig', 'QUICK', 'main', 'parse_args', 'run']
 
 
 @dataclass(frozen=True)
@@ -126,153 +112,22 @@ QUICK = FlexiConfig(n_train=20_000, cnn_steps=300, vit_steps=300, n_super_batche
                     n_test=2_000)
 
 
-class PooledCNN(nn.Module):
-    """Three 3x3 conv layers (16, 32, 64 channels), global average pooling, one linear layer.
+def _loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    # Rows marked by MixedResolution run at their resolution; other batches at full.
+    return mixed_resolution_loss(model, batch, F.cross_entropy, preprocess=to_float_images)
 
-    The global pooling makes it accept any resolution, so it can score (and train) on
-    downsampled images.
 
-    Args:
-        n_classes (int): Number of outputs.
+def _train(model: nn.Module, images: np.ndarray, labels: np.ndarray, *, steps: int,
+           config: FlexiConfig, lr: float, seed: int, mixed: MixedResolution | None,
+           desc: str) -> list[float]:
+    """Adam on in-memory arrays, at full or (``mixed``) at mixed resolution.
+
+    Every batch is split by ``mixed`` when given and run through ``mixed_resolution_loss``:
+    the loop a user of ``SelectiveLoader(batch_transform=MixedResolution(...))`` writes.
     """
-
-    def __init__(self, n_classes: int = 10) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 16, kernel_size=3, padding=1)
-        self.conv2 = nn.Conv2d(16, 32, kernel_size=3, padding=1)
-        self.conv3 = nn.Conv2d(32, 64, kernel_size=3, padding=1)
-        self.head = nn.Linear(64, n_classes)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Logits of a batch of images.
-
-        Args:
-            x (Tensor[B, 1, H, W]): Normalised float images, any size from 4x4.
-
-        Returns:
-            Tensor[B, n_classes]: Logits.
-        """
-        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
-        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
-        x = F.relu(self.conv3(x))
-        return self.head(x.mean(dim=(2, 3)))
-
-
-def make_pooled_cnn(seed: int) -> PooledCNN:
-    """A :class:`PooledCNN` initialised from a private generator seeded with ``seed``."""
-    model = PooledCNN()
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, (nn.Conv2d, nn.Linear)):
-                nn.init.kaiming_normal_(module.weight, nonlinearity='relu', generator=generator)
-                nn.init.zeros_(module.bias)
-        model.head.weight.mul_(0.1)
-    return model
-
-
-def rankdata(values: np.ndarray) -> np.ndarray:
-    """Ranks from 0, ties sharing the mean of their ranks.
-
-    Args:
-        values (np.ndarray): ``[n]`` numbers.
-
-    Returns:
-        np.ndarray: float64 ``[n]`` ranks.
-    """
-    values = np.asarray(values)
-    order = np.argsort(values, kind='stable')
-    ranks = np.empty(len(values), dtype=np.float64)
-    ranks[order] = np.arange(len(values), dtype=np.float64)
-    _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
-    return (np.bincount(inverse, weights=ranks) / counts)[inverse]
-
-
-def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    """Spearman rank correlation: the Pearson correlation of the ranks (ties averaged).
-
-    Args:
-        a (np.ndarray): ``[n]`` numbers.
-        b (np.ndarray): ``[n]`` numbers.
-
-    Returns:
-        float: In ``[-1, 1]``.
-    """
-    ra, rb = rankdata(a), rankdata(b)
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    return float((ra * rb).sum() / np.sqrt((ra * ra).sum() * (rb * rb).sum()))
-
-
-def train_mixed(model: nn.Module, images: np.ndarray, labels: np.ndarray, *, steps: int,
-                batch_size: int, lr: float, seed: int, mixed: MixedResolution | None,
-                desc: str) -> list[float]:
-    """Train with AdamW on in-memory arrays, at full or at mixed resolution.
-
-    Every batch is a dict ``{'image': uint8[b, 28, 28], 'label': int64[b]}``, split by
-    ``mixed`` when given and run through :func:`mixed_resolution_loss`: the loop a user of
-    ``SelectiveLoader(batch_transform=MixedResolution(...))`` writes.
-
-    Args:
-        model (nn.Module): Trained in place.
-        images (np.ndarray): uint8 ``[N, 28, 28]``.
-        labels (np.ndarray): int64 ``[N]``.
-        steps (int): Optimizer steps.
-        batch_size (int): Examples per step.
-        lr (float): Learning rate.
-        seed (int): Seed of the private batch order.
-        mixed (MixedResolution | None): The mixed-resolution split, or None for full resolution.
-        desc (str): Progress-bar label.
-
-    Returns:
-        list[float]: The loss of every step.
-    """
-    rng = np.random.default_rng(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    images_t, labels_t = torch.as_tensor(images), torch.as_tensor(labels, dtype=torch.long)
-    order, position, losses = rng.permutation(len(labels)), 0, []
-    model.train()
-    for _ in tqdm(range(steps), desc=desc, leave=False, mininterval=1.0):
-        if position + batch_size > len(order):
-            order, position = rng.permutation(len(labels)), 0
-        rows = torch.from_numpy(order[position:position + batch_size])
-        position += batch_size
-        batch = {'image': images_t[rows], 'label': labels_t[rows]}
-        if mixed is not None:
-            batch = mixed(batch)
-        loss = mixed_resolution_loss(model, batch, F.cross_entropy, preprocess=to_float_images)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    return losses
-
-
-@torch.no_grad()
-def accuracy(forward: Callable[[Tensor], Tensor], model: nn.Module, images: np.ndarray,
-             labels: np.ndarray, *, batch_size: int = 1000) -> float:
-    """Top-1 accuracy of ``forward(uint8 images) -> logits``, the model in eval mode.
-
-    Args:
-        forward (Callable): Maps uint8 ``[n, 28, 28]`` to logits ``[n, classes]``.
-        model (nn.Module): The model ``forward`` runs (put in eval mode, then restored).
-        images (np.ndarray): uint8 ``[N, 28, 28]``.
-        labels (np.ndarray): int64 ``[N]``.
-        batch_size (int): Images per forward pass.
-
-    Returns:
-        float: Fraction correct.
-    """
-    was_training = model.training
-    model.eval()
-    try:
-        correct = 0
-        for start in range(0, len(labels), batch_size):
-            logits = forward(torch.as_tensor(images[start:start + batch_size]))
-            target = torch.as_tensor(labels[start:start + batch_size])
-            correct += int((logits.argmax(1) == target).sum())
-        return correct / len(labels)
-    finally:
-        model.train(was_training)
+    return train_on_arrays(model, {'image': images, 'label': labels}, _loss, steps=steps,
+                           batch_size=config.batch_size, lr=lr, seed=seed, transform=mixed,
+                           progress=True, desc=desc)
 
 
 @dataclass(frozen=True)
@@ -343,8 +198,8 @@ def _compare_scorings(learner: nn.Module, reference: nn.Module, family: _Family,
                                                                           'hard_learner')
         top_full = topk_select(torch.from_numpy(learn_full), k).numpy()
         top_low = topk_select(torch.from_numpy(learn_low), k).numpy()
-        rows['spearman_learnability'].append(spearman(learn_full, learn_low))
-        rows['spearman_learner_loss'].append(spearman(loss_full, loss_low))
+        rows['spearman_learnability'].append(stats.spearman(learn_full, learn_low))
+        rows['spearman_learner_loss'].append(stats.spearman(loss_full, loss_low))
         rows['topk_overlap'].append(len(np.intersect1d(top_full, top_low)) / k)
         rows['corrupted_selected_full'].append(float(bad[top_full].mean()))
         rows['corrupted_selected_low'].append(float(bad[top_low].mean()))
@@ -376,14 +231,74 @@ def _full_forward(family: _Family) -> Callable[[nn.Module, dict[str, Tensor]], T
 def _train_flops(model: nn.Module, family: _Family, images: Tensor, labels: Tensor
                  ) -> dict[str, float]:
     batch = {'image': images, 'label': labels}
-
-    def step(mixed: MixedResolution | None) -> int:
-        data = batch if mixed is None else mixed(batch)
-        return train_step_flops(model, data, lambda m, b: mixed_resolution_loss(
-            m, b, F.cross_entropy, preprocess=to_float_images))
-
-    full, mixed = step(None), step(family.mixed)
+    full = train_step_flops(model, batch, _loss)
+    mixed = train_step_flops(model, family.mixed(batch), _loss)
     return {'full': full, 'mixed': mixed, 'ratio': mixed / full}
+
+
+def _data(config: FlexiConfig) -> dict[str, Any]:
+    """Clean split, noisy training rows, held-out super-batches and the test images."""
+    images, labels = load_fashion_mnist('train')
+    test_images, test_labels = load_fashion_mnist('test', limit=config.n_test)
+    pool, clean = split_clean(len(labels), config.clean_fraction,
+                              seed=np.random.SeedSequence([config.seed, 0]))
+    noisy, corrupted = symmetric_label_noise(labels[pool], config.noise_rate,
+                                             seed=np.random.SeedSequence([config.seed, 1]))
+    order = np.random.default_rng(np.random.SeedSequence([config.seed, 2])).permutation(len(pool))
+    train_rows, held_out = order[:config.n_train], order[config.n_train:]
+    n_held = config.n_super_batches * config.super_batch_size
+    if len(held_out) < n_held:
+        raise ValueError(f'{len(held_out)} held-out pool examples cannot fill '
+                         f'{config.n_super_batches} super-batches of {config.super_batch_size}; '
+                         f'lower n_train or n_super_batches')
+    pool_images, pool_labels = torch.as_tensor(images[pool]), torch.as_tensor(noisy)
+    chunks = held_out[:n_held].reshape(config.n_super_batches, config.super_batch_size)
+    return {
+        'clean': (images[clean], labels[clean]),
+        'train': (images[pool][train_rows], noisy[train_rows]),
+        'test': (test_images, test_labels),
+        'super_batches': [{'image': pool_images[torch.from_numpy(rows)],
+                           'label': pool_labels[torch.from_numpy(rows)]} for rows in chunks],
+        'corrupted': [corrupted[rows] for rows in chunks],
+    }
+
+
+def _run_family(family: _Family, data: dict[str, Any], config: FlexiConfig,
+                say: Callable[[str], None]) -> dict[str, Any]:
+    """A family's reference, its learners trained at full and mixed resolution, compared."""
+    started = time.perf_counter()
+    reference = family.make(config.seed + 1000)
+    _train(reference, *data['clean'], steps=family.steps, config=config, lr=family.lr,
+           seed=config.seed + 1, mixed=None, desc=f'{family.name} reference')
+    reference.eval()
+    test = data['test']
+    entry: dict[str, Any] = {'low_resolution': family.low_label,
+                             'parameters': count_parameters(reference),
+                             'reference_test_accuracy': evaluate(reference, *test,
+                                                                 forward=family.full_call),
+                             'learners': {}}
+    for training in ('full', 'mixed'):
+        learner = family.make(config.seed)
+        losses = _train(learner, *data['train'], steps=family.steps, config=config,
+                        lr=family.lr, seed=config.seed + 2,
+                        mixed=family.mixed if training == 'mixed' else None,
+                        desc=f'{family.name} learner ({training})')
+        compared = _compare_scorings(learner, reference, family, data['super_batches'],
+                                     data['corrupted'], config.batch_size)
+        compared['test_accuracy_full'] = evaluate(learner, *test, forward=family.full_call)
+        compared['test_accuracy_low'] = evaluate(learner, *test, forward=family.low_call)
+        compared['final_train_loss'] = float(np.mean(losses[-20:]))
+        entry['learners'][training] = compared
+        m = compared['metrics']
+        say(f'{family.name} trained at {training} resolution: spearman '
+            f'{m["spearman_learnability"]["mean"]:.3f}, top-k overlap '
+            f'{m["topk_overlap"]["mean"]:.3f}')
+    first = data['super_batches'][0]
+    entry['train_flops_per_step'] = _train_flops(learner, family,
+                                                 first['image'][:config.batch_size],
+                                                 first['label'][:config.batch_size])
+    entry['seconds'] = time.perf_counter() - started
+    return entry
 
 
 def run(config: FlexiConfig, *, progress: bool = True) -> dict[str, Any]:
@@ -397,79 +312,16 @@ def run(config: FlexiConfig, *, progress: bool = True) -> dict[str, Any]:
         dict: JSON-ready results.
     """
     say = print if progress else (lambda *_: None)
-    start = time.perf_counter()
-    images, labels = load_fashion_mnist('train')
-    test_images, test_labels = load_fashion_mnist('test', limit=config.n_test)
-    pool, clean = split_clean(len(labels), config.clean_fraction,
-                              seed=np.random.SeedSequence([config.seed, 0]))
-    noisy, corrupted = symmetric_label_noise(labels[pool], config.noise_rate,
-                                             seed=np.random.SeedSequence([config.seed, 1]))
-    order = np.random.default_rng(np.random.SeedSequence([config.seed, 2])).permutation(len(pool))
-    train_rows = order[:config.n_train]
-    held_out = order[config.n_train:]
-    n_held = config.n_super_batches * config.super_batch_size
-    if len(held_out) < n_held:
-        raise ValueError(f'{len(held_out)} held-out pool examples cannot fill '
-                         f'{config.n_super_batches} super-batches of {config.super_batch_size}; '
-                         f'lower n_train or n_super_batches')
-    pool_images = torch.as_tensor(images[pool])
-    pool_labels = torch.as_tensor(noisy)
-    super_batches, bad = [], []
-    for i in range(config.n_super_batches):
-        rows = torch.from_numpy(held_out[i * config.super_batch_size:
-                                         (i + 1) * config.super_batch_size])
-        super_batches.append({'image': pool_images[rows], 'label': pool_labels[rows]})
-        bad.append(corrupted[rows.numpy()])
-    say(f'data: {len(clean)} clean, {config.n_train} noisy training, {n_held} held out '
-        f'({time.perf_counter() - start:.1f} s)')
-
-    results: dict[str, Any] = {}
-    train_images, train_labels = images[pool][train_rows], noisy[train_rows]
-    for family in _families(config):
-        family_start = time.perf_counter()
-        reference = family.make(config.seed + 1000)
-        train_mixed(reference, images[clean], labels[clean], steps=family.steps,
-                    batch_size=config.batch_size, lr=family.lr, seed=config.seed + 1,
-                    mixed=None, desc=f'{family.name} reference')
-        reference.eval()
-        ref_acc = accuracy(lambda x, m=reference, f=family: f.full_call(m, x), reference,
-                           test_images, test_labels)
-        entry: dict[str, Any] = {'low_resolution': family.low_label,
-                                 'parameters': count_parameters(reference),
-                                 'reference_test_accuracy': ref_acc, 'learners': {}}
-        for training in ('full', 'mixed'):
-            learner = family.make(config.seed)
-            losses = train_mixed(learner, train_images, train_labels,
-                                 steps=family.steps, batch_size=config.batch_size,
-                                 lr=family.lr, seed=config.seed + 2,
-                                 mixed=family.mixed if training == 'mixed' else None,
-                                 desc=f'{family.name} learner ({training})')
-            compared = _compare_scorings(learner, reference, family, super_batches, bad,
-                                         config.batch_size)
-            compared['test_accuracy_full'] = accuracy(
-                lambda x, m=learner, f=family: f.full_call(m, x), learner, test_images,
-                test_labels)
-            compared['test_accuracy_low'] = accuracy(
-                lambda x, m=learner, f=family: f.low_call(m, x), learner, test_images,
-                test_labels)
-            compared['final_train_loss'] = float(np.mean(losses[-20:]))
-            entry['learners'][training] = compared
-            m = compared['metrics']
-            say(f'{family.name} trained at {training} resolution: spearman '
-                f'{m["spearman_learnability"]["mean"]:.3f}, top-k overlap '
-                f'{m["topk_overlap"]["mean"]:.3f}')
-        entry['train_flops_per_step'] = _train_flops(
-            learner, family, super_batches[0]['image'][:config.batch_size],
-            super_batches[0]['label'][:config.batch_size])
-        entry['seconds'] = time.perf_counter() - family_start
-        results[family.name] = entry
+    started = time.perf_counter()
+    data = _data(config)
+    say(f'data: {len(data["clean"][1])} clean, {config.n_train} noisy training, '
+        f'{config.n_super_batches * config.super_batch_size} held out '
+        f'({time.perf_counter() - started:.1f} s)')
     return {
         'config': asdict(config),
-        'environment': {'torch': torch.__version__, 'threads': torch.get_num_threads(),
-                        'python': platform.python_version(), 'machine': platform.machine()},
         'random_topk_overlap': config.batch_size / config.super_batch_size,
-        'models': results,
-        'seconds': time.perf_counter() - start,
+        'models': {family.name: _run_family(family, data, config, say)
+                   for family in _families(config)},
     }
 
 
@@ -511,11 +363,7 @@ def _table(results: dict[str, Any]) -> str:
 
 
 def _plot(results: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-
+    plt = report.pyplot()
     models = results['models']
     fig, axes = plt.subplots(1, len(models) + 1, figsize=(5 * (len(models) + 1), 4.5))
     for ax, (name, entry) in zip(axes, models.items(), strict=False):
@@ -563,37 +411,28 @@ def _plot(results: dict[str, Any], path: Path) -> None:
     ax.set_ylim(0, 1.3)
     ax.legend(fontsize=7, ncol=2, loc='upper center')
     ax.set_title('cheap scoring: agreement and cost', fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    report.save_figure(fig, path)
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Command-line arguments."""
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('--quick', action='store_true', help='a run of under 3 minutes')
-    parser.add_argument('--seed', type=int, default=0)
-    parser.add_argument('--out', type=Path, default=REPO_ROOT / 'benchmarks' / 'results' / 'flexi')
-    parser.add_argument('--threads', type=int, default=1,
-                        help='torch intra-op threads (1 is fastest for these small matrices '
-                             'on a shared machine)')
-    return parser.parse_args(argv)
+def parse_args(argv: Sequence[str] | None = None) -> tuple[FlexiConfig, Any]:
+    """The configuration and the other arguments (``out``)."""
+    parser = report.benchmark_parser('flexi', __doc__.split('\n\n')[0], threads=1,
+                              quick='20,000 training images, 300 steps per model, 10 '
+                                    'super-batches, 2,000 test images')
+    parser.add_argument('--seed', type=int, default=0,
+                        help='seed of the split, the noise, the initialisations and the order')
+    args = parser.parse_args(argv)
+    return replace(QUICK if args.quick else FlexiConfig(), seed=args.seed), args
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the benchmark, print the table, write ``flexi.json`` and ``flexi.png``."""
-    args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    base = QUICK if args.quick else FlexiConfig()
-    config = FlexiConfig(**{**asdict(base), 'seed': args.seed})
-    results = run(config)
-    results['quick'] = bool(args.quick)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / 'flexi.json').write_text(json.dumps(results, indent=2) + '\n')
-    _plot(results, args.out / 'flexi.png')
+    config, args = parse_args(argv)
+    run_record = report.start_run('flexi', argv, threads=args.threads or 1)
+    results = {**run(config), 'quick': bool(args.quick)}
+    results['run'] = report.finish_run(run_record)
     print(_table(results))
-    print(f'\n{results["seconds"]:.0f} s; wrote {args.out / "flexi.json"} and '
-          f'{args.out / "flexi.png"}')
+    report.write_report(results, *report.report_paths(args.out, 'flexi', args.quick), _plot)
     return results
 
 

@@ -1,148 +1,163 @@
-"""Learning efficiency: steps and FLOPs to reach uniform sampling's final accuracy.
+"""Learning efficiency: steps, FLOPs and wall-clock time to reach uniform sampling's final accuracy.
 
 Run it from the repository root::
 
-    python -m benchmarks.learning_efficiency --quick     # ratio 0.8, 3 seeds, 200 steps: ~3 min
-    python -m benchmarks.learning_efficiency             # ratios 0.8, 0.9, 0.5, 400 steps: ~20 min
+    python -m benchmarks.learning_efficiency --quick     # ratio 0.8, 3 seeds, 200 steps
+    python -m benchmarks.learning_efficiency             # ratios 0.8, 0.9, 0.5, 400 steps
     python -m benchmarks.learning_efficiency --task contrastive --ratios 0.9 --seeds 0 1 2
 
-Two tasks on real Fashion-MNIST, each read through ``jest_stream.SelectiveLoader`` over a
-``SampleIdStreamingDataset`` of MDS shards (super-batches of ``B = b / (1 - f)``, sub-batches
-of ``b``), each with a reference model trained only on a clean 5% split:
+Two tasks on real Fashion-MNIST (:mod:`benchmarks.common.tasks`), each read through
+``jest_stream.SelectiveLoader`` over a ``SampleIdStreamingDataset`` of MDS shards
+(super-batches of ``B = b / (1 - f)``, sub-batches of ``b``), each with a reference model
+trained only on a clean 5% split whose outputs over the pool are stored with
+``jest_stream.annotate`` and read back through ``jest_stream.ReferenceCache``, the path a
+user runs. Every method of a seed starts from the same initialisation and reads the same
+sequence of super-batches; only the selection differs.
 
-- **classification**: the pool has 40% symmetric label noise; the learner is a small CNN;
-  methods ``uniform``, ``hard_learner``, ``easy_reference`` and ``learnability`` (criteria of
-  jest_stream, all selected with the same method, ``joint`` by default: for per-example
-  losses that is blocked sampling from the softmax of the scores). Metric: clean test
-  accuracy.
-- **contrastive**: a two-tower image-text model (:mod:`benchmarks.contrastive`) with the
-  sigmoid loss on a pool whose captions are 40% mismatched; methods ``uniform``,
-  ``independent`` (learnability, ``method='sample'`` on the per-example marginals of the
-  pair scores), ``joint`` (learnability, ``method='joint'``: JEST) and ``flexi_joint``
-  (joint, with the learner scored at half resolution and half of every sub-batch trained
-  at half resolution). Metric: zero-shot test accuracy.
+For each task, filter ratio and method it reports three speed-ups to the target (uniform's
+final accuracy), on the mean curve over seeds and per seed:
 
-Every method of a seed starts from the same initialisation and reads the same sequence of
-super-batches; only the selection differs. The reference's outputs over the pool are
-computed once and looked up by sample id (the role of jest_stream's offline reference
-cache), so a step costs the learner's scoring forward, the selection and the training
-step; the FLOPs of each are counted once per configuration with
-``torch.utils.flop_counter`` (:mod:`jest_stream.flops`). The FLOPs with a live reference
-forward are reported beside them.
+- ``speedup_steps``: uniform's step budget over the steps the method needs;
+- ``speedup_flops``: uniform's FLOPs for the budget over the method's FLOPs to the target,
+  each step counted with ``torch.utils.flop_counter`` (:mod:`jest_stream.flops`): training,
+  scoring (with the stored reference outputs), selection, and any work a method adds
+  (a proxy learner's training); the same with a live reference forward is beside it;
+- ``speedup_wall``: uniform's training seconds over the method's seconds to the target,
+  measured in the same run, evaluation excluded; each step's seconds are split into the
+  trainer's work and the loader's wait, transfer, scoring and selection.
 
-Results go to ``benchmarks/results/learning_efficiency/`` (``learning_efficiency.json`` and
-``.png``, or ``learning_efficiency_quick.*``); the JSON is rewritten after every finished
-run, so an interrupted run leaves usable results, and ``--resume`` continues one.
+Methods are entries of :data:`METHODS`; a new scorer or a peer baseline is one
+:class:`Method` plus, at most, a small function (see its docstring). Results go to
+``benchmarks/results/learning_efficiency/``: ``learning_efficiency.json`` and ``.png``
+(accuracy against steps, FLOPs and seconds), or ``learning_efficiency_quick.*``; the JSON
+is rewritten after every finished run, so an interrupted run leaves usable results, and
+``--resume`` continues one. ``benchmarks.demo`` and ``benchmarks.contrastive`` are presets
+of this benchmark.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
-import os
-import platform
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
-from tqdm.auto import tqdm
+from torch import nn
 
-from benchmarks.contrastive import (
-    CaptionData,
-    ConvTrunk,
-    TwoTower,
-    make_two_tower,
-    pool_captions,
-    prepare_captions,
-    sigmoid_loss,
-    train_two_tower,
-    zero_shot_accuracy,
-)
-from benchmarks.fashion_mnist import (
-    N_CLASSES,
-    PreparedData,
-    batch_logits,
-    prepare,
-    read_columns,
-    to_float_images,
-)
-from benchmarks.models import count_parameters, evaluate, train_classifier
-from benchmarks.records import write_record
+from benchmarks.common import report, stats
+from benchmarks.common.data import open_streaming, prepare
+from benchmarks.common.tasks import TASKS, ReferenceSettings, TaskSetup, prepare_task
+from benchmarks.common.training import STEP_COSTS, train_selective
 from jest_stream import (
-    ClassificationScorer,
-    ContrastiveScorer,
+    MixedResolution,
     SampleIdStreamingDataset,
     SelectiveLoader,
+    count_flops,
     get_criterion,
+    get_selection_method,
+    score_flops,
     super_batch_size_for,
+    train_step_flops,
 )
-from jest_stream.flexi import LowResolution, MixedResolution, mixed_resolution_forward
-from jest_stream.flops import count_flops, forward_flops, score_flops, train_step_flops
-from jest_stream.scores import select
 
 __all__ = [
     'Config',
-    'MethodSpec',
     'METHODS',
+    'Method',
     'QUICK',
-    'StoredReference',
-    'TASKS',
-    'TinyClassifier',
+    'SCHEMA',
+    'configuration_flops',
+    'format_table',
+    'format_verdicts',
     'main',
-    'make_classifier',
     'parse_args',
+    'plot',
     'run_benchmark',
-    'steps_to_target',
+    'run_one',
+    'selective_loader',
     'summarise',
 ]
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-TASKS = ('classification', 'contrastive')
-# Joint learnability is blue in both tasks.
+SCHEMA = 'jest_stream.learning_efficiency/2'
 COLOURS = {'uniform': 'tab:gray', 'hard_learner': 'tab:red', 'easy_reference': 'tab:orange',
            'learnability': 'tab:blue', 'independent': 'tab:orange', 'joint': 'tab:blue',
            'flexi_joint': 'tab:purple'}
 
+# Methods
+
 
 @dataclass(frozen=True)
-class MethodSpec:
-    """How one compared method selects and trains.
+class Method:
+    """One compared way of choosing what the learner trains on: an entry of :data:`METHODS`.
+
+    The built-in methods need only the first four fields. The hooks make a new scorer or
+    a peer baseline one entry plus, at most, a small function:
+
+    - a proxy learner trained online (RHO-LOSS's proxy): ``scorer`` builds the proxy
+      scorer, ``after_step`` trains it on each selected sub-batch (timed with the step),
+      ``extra_flops`` counts that training step;
+    - scoring under ``torch.autocast``: ``scorer`` wraps the task's scorer;
+    - Composer's SelectiveBackprop or RS2 (repeated random subsets): ``loader`` yields
+      their sub-batches instead of a ``SelectiveLoader`` over the pool;
+    - uniform at equal compute: ``steps`` gives it the budget another method's FLOPs buy.
 
     Attributes:
-        criterion (str): jest_stream criterion (``uniform`` scores nothing).
-        method (str | None): Selection method; None takes the task's default.
-        flexi (bool): Score the learner at low resolution and train half of every
-            sub-batch at low resolution.
         label (str): Legend text.
+        criterion (str): jest_stream criterion; ``uniform`` scores nothing.
+        selection (str, optional): Selection method; None: ``uniform`` for the uniform
+            criterion, else :attr:`Config.selection`.
+        flexi (bool): Score the learner at ``1 / Config.flexi_factor`` resolution and train
+            ``Config.low_fraction`` of every sub-batch at it.
+        scorer (Callable, optional): ``scorer(setup, learner, reference, method, config)``
+            builds the scorer (``reference`` is the cache, or the live model when FLOPs
+            with a live reference are counted); None: the task's scorer.
+        after_step (Callable, optional): ``after_step(scorer, batch)`` after each optimizer
+            step.
+        extra_flops (Callable, optional): ``extra_flops(scorer, super_batch, sub_batch)``:
+            FLOPs per step of work outside training, scoring and selection.
+        loader (Callable, optional): ``loader(setup, method, scorer, ratio, seed, config)``
+            returns the iterable of sub-batches; None: :func:`selective_loader`.
+        steps (Callable, optional): ``steps(config) -> int``, the method's step budget;
+            None: ``config.steps``.
     """
 
-    criterion: str
-    method: str | None
-    flexi: bool
     label: str
+    criterion: str = 'uniform'
+    selection: str | None = None
+    flexi: bool = False
+    scorer: Callable[..., Any] | None = None
+    after_step: Callable[[Any, dict[str, Any]], None] | None = None
+    extra_flops: Callable[[Any, dict[str, Any], dict[str, Any]], int] | None = None
+    loader: Callable[..., Iterable[dict[str, Any]]] | None = None
+    steps: Callable[[Config], int] | None = None
+
+    def record(self) -> dict[str, Any]:
+        """JSON-ready description: the settings, and the names of the hooks in use."""
+        hooks = ('scorer', 'after_step', 'extra_flops', 'loader', 'steps')
+        return {'label': self.label, 'criterion': self.criterion, 'selection': self.selection,
+                'flexi': self.flexi, 'hooks': [h for h in hooks if getattr(self, h) is not None]}
 
 
-METHODS: dict[str, dict[str, MethodSpec]] = {
+METHODS: dict[str, dict[str, Method]] = {
     'classification': {
-        'uniform': MethodSpec('uniform', 'uniform', False, 'uniform'),
-        'hard_learner': MethodSpec('hard_learner', None, False, 'hard learner'),
-        'easy_reference': MethodSpec('easy_reference', None, False, 'easy reference'),
-        'learnability': MethodSpec('learnability', None, False, 'learnability'),
+        'uniform': Method('uniform'),
+        'hard_learner': Method('hard learner', 'hard_learner'),
+        'easy_reference': Method('easy reference', 'easy_reference'),
+        'learnability': Method('learnability', 'learnability'),
     },
     'contrastive': {
-        'uniform': MethodSpec('uniform', 'uniform', False, 'uniform'),
-        'independent': MethodSpec('learnability', 'sample', False,
-                                  'independent learnability (sample)'),
-        'joint': MethodSpec('learnability', 'joint', False, 'joint learnability (JEST)'),
-        'flexi_joint': MethodSpec('learnability', 'joint', True,
-                                  'joint, Flexi (low-res scoring, mixed-res training)'),
+        'uniform': Method('uniform'),
+        'independent': Method('independent learnability (sample)', 'learnability', 'sample'),
+        'joint': Method('joint learnability (JEST)', 'learnability', 'joint'),
+        'flexi_joint': Method('joint, Flexi (low-res scoring, mixed-res training)',
+                              'learnability', 'joint', flexi=True),
     },
 }
 
@@ -153,6 +168,8 @@ class Config:
 
     Attributes:
         tasks (tuple[str, ...]): ``classification`` and/or ``contrastive``.
+        methods (tuple[str, ...], optional): Methods to run (each task runs those it has;
+            ``uniform`` is always run, it sets the target); None: all.
         ratios (tuple[float, ...]): Filter ratios, run in this order.
         seeds (tuple[int, ...]): Seeds of the learners' initialisation, the data order and
             the selection; every method of a seed shares them.
@@ -163,7 +180,7 @@ class Config:
         lr (float): Adam learning rate of the learners (constant).
         temperature (float): Softmax temperature of the sampled selections.
         n_chunks (int): Chunks of the joint sampler.
-        classification_method (str): Selection method of the scored classification criteria.
+        selection (str): Selection method of the scored methods that name none.
         flexi_factor (int): Downsampling factor of Flexi scoring and of low-res training rows.
         low_fraction (float): Share of each Flexi sub-batch trained at low resolution.
         reference_steps (int): Optimizer steps of each reference on the clean split.
@@ -172,13 +189,15 @@ class Config:
         noise_rate (float): Label noise of the pool (and so the mismatched captions).
         clean_fraction (float): Share of the train split kept clean for the references.
         data_seed (int): Seed of the split, the noise, the captions and the test subset.
+        limit (int | None): Use only the first ``limit`` train images (small test runs).
         num_workers (int): DataLoader workers reading super-batches.
         threads (int): torch intra-op threads of the training process.
-        quick (bool): The short configuration (:data:`QUICK`).
-        data_dir (str): Where the MDS shards are built once.
+        quick (bool): The short configuration (``--quick``).
+        data_dir (str): Where the MDS shards and the reference caches are built once.
     """
 
-    tasks: tuple[str, ...] = TASKS
+    tasks: tuple[str, ...] = tuple(TASKS)
+    methods: tuple[str, ...] | None = None
     ratios: tuple[float, ...] = (0.8, 0.9, 0.5)
     seeds: tuple[int, ...] = (0, 1, 2)
     steps: int = 400
@@ -188,7 +207,7 @@ class Config:
     lr: float = 2e-3
     temperature: float = 1.0
     n_chunks: int = 16
-    classification_method: str = 'joint'
+    selection: str = 'joint'
     flexi_factor: int = 2
     low_fraction: float = 0.5
     reference_steps: int = 1000
@@ -197,388 +216,218 @@ class Config:
     noise_rate: float = 0.4
     clean_fraction: float = 0.05
     data_seed: int = 0
+    limit: int | None = None
     num_workers: int = 1
     threads: int = 1
     quick: bool = False
-    data_dir: str = str(REPO_ROOT / 'data' / 'fashion-mnist')
+    data_dir: str = str(report.REPO_ROOT / 'data' / 'fashion-mnist')
 
     def super_batch_size(self, ratio: float) -> int:
         """``B`` of a filter ratio."""
         return super_batch_size_for(self.batch_size, ratio)
 
-    def method(self, task: str, name: str) -> MethodSpec:
-        """The spec of a method, with the task's default selection method filled in."""
-        spec = METHODS[task][name]
-        if spec.method is None:
-            spec = replace(spec, method=self.classification_method)
-        return spec
+    def method_names(self, task: str) -> tuple[str, ...]:
+        """The methods run on ``task``, in registry order (``uniform`` first)."""
+        return tuple(name for name in METHODS[task]
+                     if self.methods is None or name == 'uniform' or name in self.methods)
 
-    def checkpoints(self) -> list[int]:
+    def method(self, task: str, name: str) -> Method:
+        """The registry entry of a method, with its selection method filled in."""
+        method = METHODS[task][name]
+        if method.selection is None:
+            default = 'uniform' if method.criterion == 'uniform' else self.selection
+            method = replace(method, selection=default)
+        return method
+
+    def budget(self, method: Method) -> int:
+        """The method's step budget."""
+        return method.steps(self) if method.steps is not None else self.steps
+
+    def checkpoints(self, steps: int | None = None) -> list[int]:
         """Steps at which accuracy is measured: 0, every ``eval_every``, and the last."""
-        return sorted({0, *range(self.eval_every, self.steps + 1, self.eval_every), self.steps})
+        steps = self.steps if steps is None else steps
+        return sorted({0, *range(self.eval_every, steps + 1, self.eval_every), steps})
 
 
 QUICK = Config(ratios=(0.8,), steps=200, eval_every=10, eval_size=2000, reference_steps=600,
                quick=True)
 
 
-# Models and references
-
-
-class TinyClassifier(nn.Module):
-    """:class:`benchmarks.contrastive.ConvTrunk`, a hidden layer and the class logits.
-
-    About 40k parameters; a forward pass over 320 images takes a few milliseconds on one
-    CPU core, so scoring super-batches stays cheap next to reading them.
-
-    Args:
-        hidden (int): Width of the hidden layer.
-    """
-
-    def __init__(self, hidden: int = 64) -> None:
-        super().__init__()
-        self.trunk = ConvTrunk()
-        self.fc1 = nn.Linear(self.trunk.out_features, hidden)
-        self.fc2 = nn.Linear(hidden, N_CLASSES)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Logits ``Tensor[B, 10]`` of normalised images ``Tensor[B, 1, H, W]``."""
-        return self.fc2(F.relu(self.fc1(self.trunk(x))))
-
-
-def make_classifier(seed: int) -> TinyClassifier:
-    """A :class:`TinyClassifier` whose initial weights depend only on ``seed``."""
-    model = TinyClassifier()
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, (nn.Conv2d, nn.Linear)):
-                nn.init.kaiming_normal_(module.weight, nonlinearity='relu', generator=generator)
-                nn.init.zeros_(module.bias)
-        # Small initial logits: every example starts near loss log(10).
-        model.fc2.weight.mul_(0.1)
-    return model
-
-
-class StoredReference:
-    """Reference outputs computed once over the pool, looked up by global sample id.
-
-    What jest_stream's offline reference cache provides, held in memory: with it the
-    reference costs nothing per step. Each lookup checks that the batch's
-    ``train_index`` column matches the stored one, so a misaligned table fails loudly
-    instead of scoring with another sample's outputs.
-
-    Args:
-        outputs (dict[str, Tensor]): Per-sample outputs, pool order (``loss``, or
-            ``image_emb`` and ``text_emb``).
-        train_index (Tensor): int64 ``[N]`` the ``train_index`` column in pool order.
-        constants (dict): Outputs that are not per sample (``temperature``, ``bias``).
-    """
-
-    def __init__(self, outputs: dict[str, Tensor], train_index: Tensor,
-                 constants: dict[str, float] | None = None) -> None:
-        self.table = outputs
-        self.train_index = train_index
-        self.constants = dict(constants or {})
-
-    def outputs(self, batch: dict[str, Any], sample_ids: Tensor) -> dict[str, Any]:
-        ids = sample_ids.cpu()
-        if not torch.equal(self.train_index[ids], batch['train_index'].cpu()):
-            raise RuntimeError('stored reference outputs are not aligned with the pool: the '
-                               'sample ids of the StreamingDataset do not follow the stored order')
-        return {**self.constants, **{name: values[ids] for name, values in self.table.items()}}
-
-
-@dataclass
-class TaskData:
-    """What one task needs: the pool, the reference, evaluation and FLOPs probes."""
-
-    task: str
-    pool_dir: Path
-    reference: nn.Module
-    stored: StoredReference
-    reference_accuracy: float
-    evaluate: Callable[[nn.Module], float]
-    probe: dict[str, Tensor]
-    one_off_flops: dict[str, int]
-    summary: dict[str, Any] = field(default_factory=dict)
-
-
-def _evaluation_rows(n: int, size: int | None, seed: int) -> np.ndarray:
-    if size is None or size >= n:
-        return np.arange(n)
-    return np.sort(np.random.default_rng(np.random.SeedSequence([seed, 5])).choice(
-        n, size, replace=False))
-
-
-def _probe(pool: dict[str, np.ndarray], rows: int, text: np.ndarray | None) -> dict[str, Tensor]:
-    """The first ``rows`` pool samples as a collated batch, for counting FLOPs."""
-    batch = {'image': torch.as_tensor(pool['image'][:rows]),
-             'label': torch.as_tensor(pool['label'][:rows]),
-             'train_index': torch.as_tensor(pool['train_index'][:rows])}
-    if text is not None:
-        batch['text'] = torch.as_tensor(text[:rows])
-    return batch
-
-
-@torch.no_grad()
-def _in_chunks(fn: Callable[[slice], dict[str, Tensor]], n: int, size: int = 2000
-               ) -> dict[str, Tensor]:
-    parts = [fn(slice(start, start + size)) for start in range(0, n, size)]
-    return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
-
-
-def prepare_classification(config: Config, data: PreparedData, pool: dict[str, np.ndarray],
-                           eval_rows: np.ndarray, say: Callable[[str], None]) -> TaskData:
-    """Train the classification reference on the clean split and store its pool losses."""
-    clean = read_columns(data.clean_dir, ['image', 'label'])
-    reference = make_classifier(10_000 + config.data_seed)
-    train_classifier(reference, clean['image'], clean['label'], steps=config.reference_steps,
-                     batch_size=config.reference_batch_size, lr=config.reference_lr,
-                     seed=config.data_seed, progress=True, desc='classification reference')
-    reference.eval()
-    images, labels = data.test_images[eval_rows], data.test_labels[eval_rows]
-    accuracy = evaluate(reference, images, labels)
-    pool_images, pool_labels = torch.as_tensor(pool['image']), torch.as_tensor(pool['label'])
-    losses = _in_chunks(lambda rows: {'loss': F.cross_entropy(
-        reference(to_float_images(pool_images[rows])), pool_labels[rows], reduction='none')},
-        len(pool_labels))
-    probe = _probe(pool, config.reference_batch_size, None)
-    one_off = {
-        'reference_training': config.reference_steps * train_step_flops(
-            reference, probe, lambda m, b: F.cross_entropy(batch_logits(m, b), b['label'])),
-        'reference_annotation': len(pool_labels) * forward_flops(
-            reference, to_float_images(probe['image'][:1])),
-    }
-    say(f'classification reference ({count_parameters(reference):,} parameters, clean split of '
-        f'{len(clean["label"])}): test accuracy {accuracy:.4f}')
-    return TaskData(
-        task='classification', pool_dir=data.pool_dir, reference=reference,
-        stored=StoredReference(losses, torch.as_tensor(pool['train_index'])),
-        reference_accuracy=accuracy, evaluate=lambda model: evaluate(model, images, labels),
-        probe=_probe(pool, max(config.super_batch_size(r) for r in config.ratios), None),
-        one_off_flops=one_off,
-        summary={'pool': data.summary(), 'learner_parameters': count_parameters(reference)})
-
-
-def prepare_contrastive(config: Config, data: PreparedData, pool: dict[str, np.ndarray],
-                        eval_rows: np.ndarray, say: Callable[[str], None]) -> TaskData:
-    """Caption the pool (once), train the two-tower reference, store its pool embeddings."""
-    captions: CaptionData = prepare_captions(
-        data, Path(config.data_dir).with_name(Path(config.data_dir).name + '-captions'))
-    text = pool_captions(pool['label'], data.seed)
-    reference = make_two_tower(10_000 + config.data_seed)
-    train_two_tower(reference, captions.clean_images, captions.clean_text,
-                    steps=config.reference_steps, batch_size=config.reference_batch_size,
-                    lr=config.reference_lr, seed=config.data_seed, progress=True,
-                    desc='contrastive reference')
-    reference.eval()
-    images, labels = data.test_images[eval_rows], data.test_labels[eval_rows]
-    accuracy = zero_shot_accuracy(reference, images, labels)
-    pool_images, pool_text = torch.as_tensor(pool['image']), torch.as_tensor(text)
-
-    def embed(rows: slice) -> dict[str, Tensor]:
-        image_emb, text_emb, _, _ = reference(pool_images[rows], pool_text[rows])
-        return {'image_emb': image_emb, 'text_emb': text_emb}
-
-    table = _in_chunks(embed, len(pool_text))
-    constants = {'temperature': float(reference.log_temperature.exp()),
-                 'bias': float(reference.bias)}
-    probe = _probe(pool, config.reference_batch_size, text)
-    one_off = {
-        'reference_training': config.reference_steps * train_step_flops(
-            reference, probe, lambda m, b: sigmoid_loss(*m(b['image'], b['text']))),
-        'reference_annotation': len(pool_text) * count_flops(
-            reference, probe['image'][:1], probe['text'][:1])[1],
-    }
-    say(f'contrastive reference ({count_parameters(reference):,} parameters, clean split of '
-        f'{len(captions.clean_labels)} captioned pairs): zero-shot accuracy {accuracy:.4f}; '
-        f'pool {captions.n_pool} pairs, {captions.n_mismatched} mismatched')
-    return TaskData(
-        task='contrastive', pool_dir=captions.pool_dir, reference=reference,
-        stored=StoredReference(table, torch.as_tensor(pool['train_index']), constants),
-        reference_accuracy=accuracy,
-        evaluate=lambda model: zero_shot_accuracy(model, images, labels),
-        probe=_probe(pool, max(config.super_batch_size(r) for r in config.ratios), text),
-        one_off_flops=one_off,
-        summary={'captions': captions.summary(),
-                 'learner_parameters': count_parameters(reference),
-                 'reference_temperature': constants['temperature'],
-                 'reference_bias': constants['bias']})
-
-
-# One run
-
-
-def _make_learner(task: str, seed: int) -> nn.Module:
-    return make_classifier(seed) if task == 'classification' else make_two_tower(seed)
-
-
-def _make_scorer(task: str, learner: nn.Module, reference: Any, spec: MethodSpec,
-                 config: Config) -> Any:
-    if spec.criterion == 'uniform':
-        return None
-    if task == 'classification':
-        return ClassificationScorer(learner, reference, forward=batch_logits, target_key='label')
-    return ContrastiveScorer(learner, reference, loss='sigmoid', image_key='image',
-                             text_key='text',
-                             input_transform=LowResolution(config.flexi_factor) if spec.flexi
-                             else None)
-
-
-def _training_loss(task: str) -> Callable[[nn.Module, dict[str, Tensor]], Tensor]:
-    if task == 'classification':
-        return lambda model, batch: F.cross_entropy(batch_logits(model, batch), batch['label'])
-
-    def contrastive(model: TwoTower, batch: dict[str, Tensor]) -> Tensor:
-        # Rows marked by MixedResolution run at their resolution; other batches at full.
-        image_emb = mixed_resolution_forward(model.image, batch, key='image',
-                                             preprocess=to_float_images)
-        return sigmoid_loss(image_emb, model.text(batch['text']), model.log_temperature.exp(),
-                            model.bias)
-
-    return contrastive
-
-
-def _mixed(spec: MethodSpec, config: Config) -> MixedResolution | None:
-    if not spec.flexi:
+def _mixed(method: Method, config: Config) -> MixedResolution | None:
+    if not method.flexi:
         return None
     return MixedResolution(key='image', low_fraction=config.low_fraction,
                            factor=config.flexi_factor)
 
 
-def configuration_flops(task: TaskData, name: str, ratio: float, config: Config) -> dict[str, int]:
-    """FLOPs of one step of a configuration, counted once on real pool samples.
+def _scorer(setup: TaskSetup, method: Method, learner: nn.Module, reference: Any,
+            config: Config) -> Any:
+    """The method's scorer over ``reference`` (the cache, or the live model); None if uniform."""
+    if method.scorer is not None:
+        return method.scorer(setup, learner, reference, method, config)
+    if not get_criterion(method.criterion).scores:
+        return None
+    return setup.task.make_scorer(learner, reference,
+                                  low_resolution=config.flexi_factor if method.flexi else None)
+
+
+def selective_loader(setup: TaskSetup, method: Method, scorer: Any, ratio: float, seed: int,
+                     config: Config) -> SelectiveLoader:
+    """A ``SelectiveLoader`` over the task's pool, as a user would build it."""
+    dataset = open_streaming(lambda: SampleIdStreamingDataset(
+        local=str(setup.pool_dir), batch_size=config.super_batch_size(ratio), shuffle=True,
+        shuffle_seed=seed, num_canonical_nodes=1))
+    return SelectiveLoader(dataset, batch_size=config.batch_size, filter_ratio=ratio,
+                           scorer=scorer, criterion=method.criterion, method=method.selection,
+                           n_chunks=config.n_chunks, temperature=config.temperature, seed=seed,
+                           num_workers=config.num_workers, batch_transform=_mixed(method, config))
+
+
+def configuration_flops(setup: TaskSetup, name: str, ratio: float, config: Config
+                        ) -> dict[str, int]:
+    """FLOPs of one step of a method, counted once on real pool samples.
 
     Returns:
         dict: ``train`` (forward and backward of a sub-batch, at mixed resolution for
-        Flexi), ``learner_scoring`` (the learner's scoring forward over the super-batch),
-        ``selection`` (pair or per-example scores and the sampler), ``reference_forward``
-        (what a live reference would cost over the super-batch; 0 with stored outputs),
-        ``per_step`` (train + learner_scoring + selection: the stored reference) and
-        ``per_step_live_reference``.
+        Flexi), ``score`` (the scorer over the super-batch, reading the stored reference
+        outputs), ``select`` (scores and sampler), ``extra`` (work the method adds, e.g. a
+        proxy's training), ``per_step`` (their sum), ``reference_forward`` (what a live
+        reference adds to scoring) and ``per_step_live_reference``.
     """
-    spec = config.method(task.task, name)
+    method = config.method(setup.task.name, name)
     big = config.super_batch_size(ratio)
-    learner = _make_learner(task.task, 0)
-    super_batch = {key: value[:big] for key, value in task.probe.items()}
+    learner = setup.task.make_learner(0)
+    super_batch = {key: value[:big] for key, value in setup.probe.items()}
     sub_batch = {key: value[:config.batch_size] for key, value in super_batch.items()}
-    mixed = _mixed(spec, config)
+    mixed = _mixed(method, config)
     counts = {'train': train_step_flops(learner, mixed(sub_batch) if mixed else sub_batch,
-                                        _training_loss(task.task))}
-    if spec.criterion == 'uniform':
-        counts.update(learner_scoring=0, selection=0, reference_forward=0)
-    else:
-        criterion = get_criterion(spec.criterion)
-        scorer = _make_scorer(task.task, learner, task.stored, spec, config)
-        counts['learner_scoring'] = score_flops(scorer, super_batch, criterion='hard_learner')
-        ids = torch.arange(big)
-        scores = scorer(super_batch, ids, criterion)
-        counts['selection'] = count_flops(
-            select, scores, big, config.batch_size, method=spec.method,
-            n_chunks=config.n_chunks, temperature=config.temperature,
-            generator=torch.Generator().manual_seed(0))[1]
-        live = _make_scorer(task.task, learner, task.reference, spec, config)
-        with_reference = score_flops(live, super_batch, criterion=spec.criterion)
-        counts['reference_forward'] = (with_reference if not criterion.needs_learner
-                                       else with_reference - counts['learner_scoring'])
-        if not criterion.needs_learner:
-            counts['learner_scoring'] = 0
-    counts['per_step'] = counts['train'] + counts['learner_scoring'] + counts['selection']
+                                        setup.task.loss)}
+    criterion = get_criterion(method.criterion)
+    ids = torch.arange(big)
+    scorer = _scorer(setup, method, learner, setup.cache, config)
+    scores, counts['score'], live = None, 0, 0
+    if scorer is not None:
+        scores, counts['score'] = count_flops(scorer, super_batch, ids, criterion)
+        live = score_flops(_scorer(setup, method, learner, setup.reference, config), super_batch,
+                           criterion=criterion, sample_ids=ids)
+    counts['select'] = count_flops(
+        get_selection_method(method.selection), scores, big, config.batch_size,
+        n_chunks=config.n_chunks, temperature=config.temperature,
+        generator=torch.Generator().manual_seed(0))[1]
+    counts['extra'] = (method.extra_flops(scorer, super_batch, sub_batch)
+                       if method.extra_flops is not None else 0)
+    counts['per_step'] = counts['train'] + counts['score'] + counts['select'] + counts['extra']
+    counts['reference_forward'] = live - counts['score'] if scorer is not None else 0
     counts['per_step_live_reference'] = counts['per_step'] + counts['reference_forward']
     return counts
 
 
-def run_one(task: TaskData, name: str, ratio: float, seed: int, config: Config
-            ) -> dict[str, Any]:
-    """Train a fresh learner for ``config.steps`` on sub-batches chosen by method ``name``.
+def run_one(setup: TaskSetup, name: str, ratio: float, seed: int, config: Config, *,
+            progress: bool = True) -> dict[str, Any]:
+    """Train a fresh learner on the sub-batches method ``name`` selects.
 
     Returns:
-        dict: ``task``, ``method``, ``ratio``, ``seed``, ``steps`` (checkpoints),
-        ``accuracy`` (at each checkpoint), ``noisy_fraction`` (corrupted labels or
-        mismatched captions among the examples trained on, per interval between
-        checkpoints), ``noisy_fraction_overall``, ``train_seconds`` (the loop, evaluation
-        excluded), ``seconds_per_step`` and ``loader`` (telemetry totals).
+        dict: ``task``, ``method``, ``ratio``, ``seed`` and what
+        :func:`benchmarks.common.training.train_selective` measured: ``steps``,
+        ``accuracy`` and ``seconds`` per checkpoint, ``noisy_fraction``,
+        ``noisy_fraction_overall``, ``train_seconds``, ``seconds_per_step``, ``step_costs``.
     """
-    spec = config.method(task.task, name)
-    learner = _make_learner(task.task, seed)
+    task = setup.task.name
+    method = config.method(task, name)
+    learner = setup.task.make_learner(seed)
     optimizer = torch.optim.Adam(learner.parameters(), lr=config.lr)
-    big = config.super_batch_size(ratio)
-    dataset = SampleIdStreamingDataset(local=str(task.pool_dir), batch_size=big, shuffle=True,
-                                       shuffle_seed=seed, num_canonical_nodes=1)
-    scorer = _make_scorer(task.task, learner, task.stored, spec, config)
-    loader = SelectiveLoader(dataset, batch_size=config.batch_size, filter_ratio=ratio,
-                             scorer=scorer, criterion=spec.criterion, method=spec.method,
-                             n_chunks=config.n_chunks, temperature=config.temperature,
-                             seed=seed, num_workers=config.num_workers,
-                             batch_transform=_mixed(spec, config))
-    loss_fn = _training_loss(task.task)
-    noisy_key = 'corrupted' if task.task == 'classification' else 'mismatched'
-    checkpoints = set(config.checkpoints())
-    record: dict[str, Any] = {'task': task.task, 'method': name, 'ratio': ratio, 'seed': seed,
-                              'steps': [0], 'accuracy': [task.evaluate(learner)],
-                              'noisy_fraction': []}
-    step = noisy_window = seen_window = noisy_total = 0
-    train_seconds = 0.0
-    bar = tqdm(total=config.steps, desc=f'{task.task[:5]} f={ratio} {name} s{seed}',
-               unit='step', leave=False)
-    started = time.perf_counter()
-    while step < config.steps:
-        for batch in loader:
-            loss = loss_fn(learner, batch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            noisy = int(batch[noisy_key].sum())
-            noisy_window, noisy_total = noisy_window + noisy, noisy_total + noisy
-            seen_window += config.batch_size
-            bar.update()
-            if step in checkpoints:
-                train_seconds += time.perf_counter() - started
-                record['steps'].append(step)
-                record['accuracy'].append(task.evaluate(learner))
-                record['noisy_fraction'].append(noisy_window / seen_window)
-                noisy_window = seen_window = 0
-                bar.set_postfix(acc=f'{record["accuracy"][-1]:.3f}')
-                started = time.perf_counter()
-            if step == config.steps:
-                break
-    bar.close()
-    record['noisy_fraction_overall'] = noisy_total / (config.steps * config.batch_size)
-    record['train_seconds'] = train_seconds
-    record['seconds_per_step'] = train_seconds / config.steps
-    record['loader'] = loader.telemetry.summary()
+    scorer = _scorer(setup, method, learner, setup.cache, config)
+    make_loader = method.loader if method.loader is not None else selective_loader
+    loader = make_loader(setup, method, scorer, ratio, seed, config)
+    steps = config.budget(method)
+    measured = train_selective(
+        learner, loader, steps=steps, loss_fn=setup.task.loss, optimizer=optimizer,
+        checkpoints=config.checkpoints(steps), evaluate=setup.evaluate,
+        noisy_key=setup.task.noisy_key,
+        after_step=(functools.partial(method.after_step, scorer)
+                    if method.after_step is not None else None),
+        desc=f'{task[:5]} f={ratio} {name} s{seed}', progress=progress)
     # A StreamingDataset holds shared memory until it is collected: release it before the
     # next run opens the same pool.
-    del loader, dataset, scorer
+    del loader, scorer
     gc.collect()
-    return record
+    return {'task': task, 'method': name, 'ratio': ratio, 'seed': seed, **measured}
 
 
 # Summaries
 
 
-def steps_to_target(steps: Sequence[int], accuracy: Sequence[float], target: float
-                    ) -> int | None:
-    """The first checkpoint at which ``accuracy`` reaches ``target``; None if none does."""
-    for step, value in zip(steps, accuracy, strict=True):
-        if value >= target:
-            return int(step)
-    return None
+def _to_target(run: dict[str, Any], target: float) -> tuple[int, float] | None:
+    """Steps and seconds at which a run's curve first reaches ``target``."""
+    reached = stats.first_reach(run['steps'], run['accuracy'], target)
+    if reached is None:
+        return None
+    return reached, run['seconds'][run['steps'].index(reached)]
 
 
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    array = np.asarray(values, dtype=np.float64)
-    return float(array.mean()), float(array.std(ddof=1)) if len(array) > 1 else 0.0
+def _speedups(reached: tuple[int, float] | None, per_step: float, baseline: dict[str, float]
+              ) -> dict[str, float | None]:
+    """Steps, FLOPs and seconds to the target, and the three speed-ups against uniform."""
+    if reached is None:
+        return dict.fromkeys(('steps_to_target', 'flops_to_target', 'seconds_to_target',
+                              'speedup_steps', 'speedup_flops', 'speedup_wall'))
+    steps, seconds = reached
+    return {'steps_to_target': steps, 'flops_to_target': steps * per_step,
+            'seconds_to_target': seconds,
+            'speedup_steps': baseline['steps'] / steps,
+            'speedup_flops': baseline['flops'] / (steps * per_step),
+            'speedup_wall': baseline['seconds'] / seconds if seconds > 0 else None}
+
+
+def _summarise_method(mine: list[dict[str, Any]], uniform: dict[int, dict[str, Any]],
+                      costs: dict[str, int], uniform_costs: dict[str, int], budget: int
+                      ) -> dict[str, Any]:
+    steps = mine[0]['steps']
+    curves = np.asarray([r['accuracy'] for r in mine])
+    seconds = np.asarray([r['seconds'] for r in mine]).mean(0)
+    std = curves.std(0, ddof=1) if len(mine) > 1 else np.zeros(len(steps))
+    mean = curves.mean(0)
+    target = float(np.mean([u['accuracy'][-1] for u in uniform.values()]))
+    baseline = {'steps': budget, 'flops': budget * uniform_costs['per_step'],
+                'seconds': float(np.mean([u['train_seconds'] for u in uniform.values()]))}
+    reached = stats.first_reach(steps, mean, target)
+    on_mean = _speedups(None if reached is None else (reached, seconds[steps.index(reached)]),
+                        costs['per_step'], baseline)
+    live = (baseline['flops'] / (reached * costs['per_step_live_reference'])
+            if reached is not None else None)
+    per_seed = {}
+    for run in mine:
+        own = uniform[run['seed']]
+        per_seed[str(run['seed'])] = {'target_accuracy': own['accuracy'][-1], **_speedups(
+            _to_target(run, own['accuracy'][-1]), costs['per_step'],
+            {**baseline, 'seconds': own['train_seconds']})}
+    return {
+        'seeds': [r['seed'] for r in mine], 'steps': steps,
+        'accuracy_mean': mean.tolist(), 'accuracy_std': std.tolist(),
+        'seconds_mean': seconds.tolist(),
+        'final_accuracy_mean': float(mean[-1]), 'final_accuracy_std': float(std[-1]),
+        **on_mean, 'first_checkpoint': reached is not None and reached == steps[1],
+        'speedup_flops_live_reference': live,
+        'flops_per_step': costs['per_step'],
+        'flops_per_step_live_reference': costs['per_step_live_reference'],
+        'per_seed': per_seed,
+        'per_seed_speedups': {key: stats.summary([s[f'speedup_{key}'] for s in per_seed.values()])
+                              for key in ('steps', 'flops', 'wall')},
+        'step_costs': {key: float(np.mean([r['step_costs'][key] for r in mine]))
+                       for key in STEP_COSTS},
+        'seconds_per_step_mean': float(np.mean([r['seconds_per_step'] for r in mine])),
+        'noisy_fraction_mean': float(np.mean([r['noisy_fraction_overall'] for r in mine])),
+    }
 
 
 def summarise(runs: list[dict[str, Any]], flops: dict[str, Any], config: Config
               ) -> dict[str, Any]:
-    """Per task and ratio: curves over seeds, steps and FLOPs to uniform's final accuracy.
+    """Per task and ratio: curves over seeds, and steps, FLOPs and seconds to the target.
 
-    A task and ratio is summarised once its uniform runs exist; only seeds whose uniform
-    run finished count, and each method over the seeds it has finished.
+    The target is uniform's final accuracy (the mean over seeds on the mean curve; each
+    seed's own per seed). A task and ratio is summarised once its uniform runs exist; only
+    seeds whose uniform run finished count, and each method over the seeds it has
+    finished.
 
     Returns:
         dict: ``{task: {ratio: {...}}}``, see the schema in ``benchmarks/README.md``.
@@ -590,65 +439,33 @@ def summarise(runs: list[dict[str, Any]], flops: dict[str, Any], config: Config
             uniform = {r['seed']: r for r in group if r['method'] == 'uniform'}
             if not uniform:
                 continue
-            budget = config.steps
-            target = _mean_std([r['accuracy'][-1] for r in uniform.values()])[0]
-            entry: dict[str, Any] = {'target_accuracy': target, 'budget_steps': budget,
-                                     'super_batch_size': config.super_batch_size(ratio),
-                                     'methods': {}}
-            for name in METHODS[task]:
+            costs = flops[task][str(ratio)]
+            methods = {}
+            for name in config.method_names(task):
                 mine = [r for r in group if r['method'] == name and r['seed'] in uniform]
-                if not mine:
-                    continue
-                steps = mine[0]['steps']
-                curves = np.asarray([r['accuracy'] for r in mine])
-                mean = curves.mean(0)
-                std = curves.std(0, ddof=1) if len(mine) > 1 else np.zeros_like(mean)
-                reached = steps_to_target(steps, mean.tolist(), target)
-                per_seed = {}
-                for r in mine:
-                    own_target = uniform[r['seed']]['accuracy'][-1]
-                    seed_steps = steps_to_target(steps, r['accuracy'], own_target)
-                    per_seed[str(r['seed'])] = {
-                        'target_accuracy': own_target, 'steps_to_target': seed_steps,
-                        'speedup_steps': budget / seed_steps if seed_steps else None}
-                per_step = flops[task][str(ratio)][name]['per_step']
-                per_step_live = flops[task][str(ratio)][name]['per_step_live_reference']
-                uniform_flops = budget * flops[task][str(ratio)]['uniform']['per_step']
-                speedups = [s['speedup_steps'] for s in per_seed.values()]
-                finite = [s for s in speedups if s is not None]
-                entry['methods'][name] = {
-                    'seeds': [r['seed'] for r in mine],
-                    'steps': steps,
-                    'accuracy_mean': mean.tolist(),
-                    'accuracy_std': std.tolist(),
-                    'final_accuracy_mean': float(mean[-1]),
-                    'final_accuracy_std': float(std[-1]),
-                    'steps_to_target': reached,
-                    'first_checkpoint': reached is not None and reached == steps[1],
-                    'speedup_steps': budget / reached if reached else None,
-                    'flops_per_step': per_step,
-                    'flops_to_target': reached * per_step if reached else None,
-                    'speedup_flops': uniform_flops / (reached * per_step) if reached else None,
-                    'flops_to_target_live_reference': reached * per_step_live if reached
-                    else None,
-                    'speedup_flops_live_reference': uniform_flops / (reached * per_step_live)
-                    if reached else None,
-                    'per_seed': per_seed,
-                    'speedup_steps_per_seed_mean': (_mean_std(finite)[0] if finite else None),
-                    'speedup_steps_per_seed_std': (_mean_std(finite)[1] if finite else None),
-                    'seeds_reaching_target': len(finite),
-                    'noisy_fraction_mean': _mean_std(
-                        [r['noisy_fraction_overall'] for r in mine])[0],
-                    'seconds_per_step_mean': _mean_std([r['seconds_per_step'] for r in mine])[0],
-                }
-            uniform_entry = entry['methods']['uniform']
-            entry['uniform_first_reach_steps'] = uniform_entry['steps_to_target']
-            out.setdefault(task, {})[str(ratio)] = entry
+                if mine:
+                    methods[name] = _summarise_method(mine, uniform, costs[name],
+                                                      costs['uniform'], config.steps)
+            out.setdefault(task, {})[str(ratio)] = {
+                'target_accuracy': float(np.mean([u['accuracy'][-1] for u in uniform.values()])),
+                'budget_steps': config.steps, 'super_batch_size': config.super_batch_size(ratio),
+                'uniform_first_reach_steps': methods['uniform']['steps_to_target'],
+                'methods': methods}
     return out
 
 
-def _cell(value: float | None, fmt: str, missing: str = '-') -> str:
+def _cell(value: float | None, fmt: str, missing: str = 'n/r') -> str:
     return missing if value is None else format(value, fmt)
+
+
+def _speedup_cell(m: dict[str, Any], key: str, baseline: bool) -> str:
+    if baseline:
+        return 'base'
+    seeds = m['per_seed_speedups'][key]
+    spread = (f'{seeds["mean"]:.2f}±{seeds["std"]:.2f} ' if seeds['mean'] is not None
+              else '') + f'{seeds["n"]}/{seeds["of"]}'
+    value = m[f'speedup_{key}']
+    return f'{"n/r" if value is None else f"{value:.2f}x"} [{spread}]'
 
 
 def format_table(results: dict[str, Any]) -> str:
@@ -656,184 +473,185 @@ def format_table(results: dict[str, Any]) -> str:
     lines = []
     for task, by_ratio in results['summary'].items():
         for ratio, entry in sorted(by_ratio.items(), key=lambda kv: float(kv[0])):
-            n_seeds = len(entry['methods']['uniform']['seeds'])
+            uniform = entry['methods']['uniform']
             lines.append(
                 f'{task}, filter ratio {ratio} (b={results["config"]["batch_size"]}, '
-                f'B={entry["super_batch_size"]}), {n_seeds} seed(s): target = uniform final '
-                f'{entry["target_accuracy"]:.4f} at {entry["budget_steps"]} steps; reference '
+                f'B={entry["super_batch_size"]}), {len(uniform["seeds"])} seed(s): target = '
+                f'uniform final {entry["target_accuracy"]:.4f} at {entry["budget_steps"]} '
+                f'steps, {uniform["seconds_mean"][-1]:.1f} s of training; reference '
                 f'{results["tasks"][task]["reference_accuracy"]:.4f}')
-            head = (f'  {"method":<15} {"final acc":>15} {"steps→tgt":>9} {"speedup":>8} '
-                    f'{"per seed":>17} {"GFLOP/step":>10} {"FLOP spdup":>10} {"live ref":>8} '
-                    f'{"noisy":>6} {"s/step":>7}')
-            lines.append(head)
+            lines.append(f'  {"method":<15} {"final acc":>15} {"steps→":>6} '
+                         f'{"speed-up: steps [per seed]":>27} {"FLOPs [per seed]":>25} '
+                         f'{"wall [per seed]":>25} | ms/step: {"train":>6} {"score":>6} '
+                         f'{"select":>6} {"wait":>6} {"other":>6} | {"noisy":>5}')
             for name, m in entry['methods'].items():
-                reached = m['steps_to_target']
-                if name == 'uniform':
-                    # Its steps→tgt is where its own mean curve first touches its final value.
-                    speed = 'base'
-                elif reached is None:
-                    speed = 'n/r'
-                else:
-                    speed = f'{"≥" if m["first_checkpoint"] else ""}{m["speedup_steps"]:.1f}x'
-
-                if name == 'uniform':
-                    per_seed = 'base'
-                elif m['seeds_reaching_target']:
-                    per_seed = (f'{m["speedup_steps_per_seed_mean"]:.1f}±'
-                                f'{m["speedup_steps_per_seed_std"]:.1f}x '
-                                f'({m["seeds_reaching_target"]}/{len(m["seeds"])})')
-                else:
-                    per_seed = f'n/r (0/{len(m["seeds"])})'
-
-                flop_speedups = ['base', 'base'] if name == 'uniform' else [
-                    f'{_cell(m[key], ".2f")}x'
-                    for key in ('speedup_flops', 'speedup_flops_live_reference')]
+                cost = m['step_costs']
                 lines.append(
                     f'  {name:<15} {m["final_accuracy_mean"]:.4f}±{m["final_accuracy_std"]:.4f}'
-                    f' {_cell(reached, "d", "n/r"):>9} {speed:>8} {per_seed:>17} '
-                    f'{m["flops_per_step"] / 1e9:>10.3f} '
-                    f'{flop_speedups[0]:>10} {flop_speedups[1]:>8} '
-                    f'{m["noisy_fraction_mean"]:>6.3f} {m["seconds_per_step_mean"]:>7.3f}')
+                    f' {_cell(m["steps_to_target"], "d"):>6} '
+                    f'{_speedup_cell(m, "steps", name == "uniform"):>27} '
+                    f'{_speedup_cell(m, "flops", name == "uniform"):>25} '
+                    f'{_speedup_cell(m, "wall", name == "uniform"):>25} |'
+                    f'          {1e3 * cost["train_s"]:6.1f} {1e3 * cost["score_s"]:6.1f} '
+                    f'{1e3 * cost["select_s"]:6.1f} {1e3 * cost["wait_s"]:6.1f} '
+                    f'{1e3 * (cost["other_s"] + cost["transfer_s"]):6.1f} | '
+                    f'{m["noisy_fraction_mean"]:5.3f}')
             lines.append('')
-    lines.append('steps→tgt: first checkpoint where the mean curve over seeds reaches the target '
-                 '(n/r: not reached within the budget); speedup: budget / steps→tgt (≥: reached at '
-                 'the first checkpoint); per seed: the same against each seed\'s own uniform final '
-                 'accuracy, mean±std over the seeds that reach it (count in brackets); FLOP spdup: '
-                 'uniform FLOPs over the method\'s FLOPs to the target, reference outputs stored; '
-                 'live ref: the same with a live reference forward every step; noisy: corrupted '
-                 'labels / mismatched captions among the examples trained on (pool: 0.40).')
+    lines.append(
+        'steps→: first checkpoint where the mean curve over seeds reaches the target (n/r: not '
+        'reached within the budget). Speed-ups to the target, uniform = 1: steps (budget / '
+        'steps), FLOPs (training + scoring with stored reference outputs + selection), wall '
+        '(training seconds, evaluation excluded), on the mean curve, then [mean±std over the '
+        'seeds that reach their own uniform final, count/seeds]. ms/step: the trainer\'s '
+        'forward, backward and optimizer step; the loader\'s scoring, selection and wait for '
+        'data; other: transfer and hand-over. noisy: corrupted labels / mismatched captions '
+        'among the examples trained on.')
     return '\n'.join(lines)
 
 
-def plot(results: dict[str, Any], path: Path, *, x_axis: str = 'steps') -> None:
-    """Learning curves, one panel per task and ratio (``x_axis``: ``steps`` or ``flops``)."""
-    import matplotlib
+def _times(value: float, more: str, less: str) -> str:
+    return f'{value:.2f}x {more}' if value >= 1 else f'{1 / value:.2f}x {less}'
 
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
 
-    summary = results['summary']
-    tasks = [t for t in results['config']['tasks'] if t in summary]
-    ratios = sorted({float(r) for t in tasks for r in summary[t]})
-    if not tasks:
-        return
-    fig, axes = plt.subplots(len(tasks), len(ratios), figsize=(5.2 * len(ratios),
-                                                                4.2 * len(tasks)),
-                             squeeze=False)
-    for row, task in enumerate(tasks):
-        for col, ratio in enumerate(ratios):
-            ax = axes[row][col]
-            entry = summary[task].get(str(ratio))
-            if entry is None:
-                ax.set_visible(False)
-                continue
+def format_verdicts(results: dict[str, Any]) -> list[str]:
+    """One sentence per scored method: the three speed-ups and what a step cost."""
+    lines = []
+    for task, by_ratio in results['summary'].items():
+        for ratio, entry in sorted(by_ratio.items(), key=lambda kv: float(kv[0])):
+            base = 1e3 * entry['methods']['uniform']['seconds_per_step_mean']
             for name, m in entry['methods'].items():
-                colour = COLOURS[name]
+                if name == 'uniform':
+                    continue
+                cost = {k: 1e3 * v for k, v in m['step_costs'].items()}
+                step = 1e3 * m['seconds_per_step_mean']
+                if m['speedup_steps'] is None:
+                    reached = (f'did not reach uniform\'s final accuracy '
+                               f'{entry["target_accuracy"]:.4f} in {entry["budget_steps"]} steps')
+                else:
+                    wall = m['speedup_wall']
+                    reached = (
+                        f'reached uniform\'s final accuracy {entry["target_accuracy"]:.4f} in '
+                        f'{_times(m["speedup_steps"], "fewer", "more")} steps, with '
+                        f'{_times(m["speedup_flops"], "fewer", "more")} FLOPs, and '
+                        + ('at once' if wall is None else _times(wall, 'sooner', 'later'))
+                        + ' in wall-clock time')
+                lines.append(
+                    f'{name} ({task}, f={ratio}) {reached}. A step cost {step:.1f} ms '
+                    f'({step / base:.1f}x uniform\'s {base:.1f} ms): train {cost["train_s"]:.1f}, '
+                    f'score {cost["score_s"]:.1f}, select {cost["select_s"]:.1f}, wait '
+                    f'{cost["wait_s"]:.1f}, other {cost["transfer_s"] + cost["other_s"]:.1f} ms.')
+    return lines
+
+
+def _legend(results: dict[str, Any], m: dict[str, Any], task: str, name: str) -> str:
+    label = results['methods'][task][name]['label']
+    if name == 'uniform':
+        return label
+    speedups = ', '.join(f'{_cell(m[f"speedup_{key}"], ".2f")}x {key}'
+                         for key in ('steps', 'flops', 'wall'))
+    return f'{label}: {speedups}'
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    """Accuracy against steps, FLOPs and seconds: one row per task and ratio, three columns."""
+    plt = report.pyplot()
+    rows = [(task, ratio) for task, by_ratio in results['summary'].items()
+            for ratio in sorted(by_ratio, key=float)]
+    if not rows:
+        return
+    fig, axes = plt.subplots(len(rows), 3, figsize=(16, 4.2 * len(rows)), squeeze=False)
+    views = (('steps', 'optimizer step', 'steps'),
+             ('flops', 'TFLOPs (stored reference outputs)', 'FLOPs'),
+             ('seconds', 'training seconds (evaluation excluded)', 'wall-clock time'))
+    for row, (task, ratio) in enumerate(rows):
+        entry = results['summary'][task][ratio]
+        low = min(min(m['accuracy_mean'][1:]) for m in entry['methods'].values())
+        for col, (view, xlabel, what) in enumerate(views):
+            ax = axes[row][col]
+            for name, m in entry['methods'].items():
                 steps = np.asarray(m['steps'], dtype=np.float64)
-                x = steps if x_axis == 'steps' else steps * m['flops_per_step'] / 1e12
+                x = {'steps': steps, 'flops': steps * m['flops_per_step'] / 1e12,
+                     'seconds': np.asarray(m['seconds_mean'])}[view]
                 mean, std = np.asarray(m['accuracy_mean']), np.asarray(m['accuracy_std'])
-                label = METHODS[task][name].label
-                if name != 'uniform' and m['speedup_steps']:
-                    label += f' ({m["speedup_steps"]:.1f}x fewer steps)'
-                ax.plot(x, mean, color=colour, lw=1.5, label=label)
-                ax.fill_between(x, mean - std, mean + std, color=colour, alpha=0.15)
+                ax.plot(x, mean, color=COLOURS.get(name), lw=1.5, label=_legend(results, m, task,
+                                                                               name))
+                ax.fill_between(x, mean - std, mean + std, color=COLOURS.get(name), alpha=0.15)
             ax.axhline(entry['target_accuracy'], color='k', ls=':', lw=1,
                        label='target: uniform final')
             ax.axhline(results['tasks'][task]['reference_accuracy'], color='tab:olive', ls='--',
-                       lw=1, label='reference (clean 5%)')
-            metric = 'clean test accuracy' if task == 'classification' else 'zero-shot accuracy'
-            ax.set(xlabel='optimizer step' if x_axis == 'steps' else 'TFLOPs (stored reference)',
-                   ylabel=metric, title=f'{task}, filter ratio {ratio} '
-                                        f'(B={entry["super_batch_size"]})')
-            low = min(min(m['accuracy_mean'][1:]) for m in entry['methods'].values())
-            ax.set_ylim(max(0.0, low - 0.05), None)
+                       lw=1, label='reference (clean split)')
+            ax.set(xlabel=xlabel, ylabel=TASKS[task].metric, ylim=(max(0.0, low - 0.05), None),
+                   title=f'{task}, f={ratio} (B={entry["super_batch_size"]}): speed-up in {what}')
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=7, loc='lower right')
-    fig.suptitle(f'Fashion-MNIST, 40% noisy labels / mismatched captions, sub-batch '
-                 f'{results["config"]["batch_size"]}\nmean ± std over seeds; speedup = budget / '
-                 f'steps to reach the target', fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+            if col == 0:
+                ax.legend(fontsize=7, loc='lower right')
+    fig.suptitle(f'Fashion-MNIST, {results["config"]["noise_rate"]:.0%} noisy labels / '
+                 f'mismatched captions, sub-batch {results["config"]["batch_size"]}; mean ± std '
+                 f'over seeds; speed-up = uniform\'s cost to its final accuracy / the method\'s',
+                 fontsize=9)
+    report.save_figure(fig, path, dpi=100)
 
 
 # Driver
 
 
-def parse_args(argv: Sequence[str] | None = None) -> tuple[Config, argparse.Namespace]:
-    """The configuration and the other arguments (``out``, ``resume``, ``replot``)."""
-    parser = argparse.ArgumentParser(
-        prog='python -m benchmarks.learning_efficiency',
-        description='Steps and FLOPs to reach uniform sampling\'s final accuracy, for jest_stream '
-                    'selection on noisy Fashion-MNIST (classification and two-tower contrastive).')
-    parser.add_argument('--quick', action='store_true',
-                        help='ratio 0.8, 3 seeds, 200 steps, 2,000 test images (about 3 minutes '
-                             'on two idle CPU cores)')
-    parser.add_argument('--task', choices=(*TASKS, 'both'), default='both')
-    parser.add_argument('--seeds', type=int, nargs='+', default=None)
-    parser.add_argument('--ratios', type=float, nargs='+', default=None,
-                        help='filter ratios (default 0.8 0.9 0.5; --quick: 0.8)')
-    parser.add_argument('--steps', type=int, default=None, help='optimizer steps per run')
-    parser.add_argument('--eval-every', type=int, default=None)
-    parser.add_argument('--eval-size', type=int, default=None,
-                        help='test images per evaluation (default: all; --quick: 2000)')
-    parser.add_argument('--batch-size', type=int, default=None, help='sub-batch size b')
-    parser.add_argument('--num-workers', type=int, default=None)
-    parser.add_argument('--threads', type=int, default=None, help='torch threads (default 1)')
-    parser.add_argument('--data-dir', type=Path, default=None)
-    parser.add_argument('--out', type=Path, default=REPO_ROOT / 'benchmarks' / 'results'
-                        / 'learning_efficiency')
-    parser.add_argument('--replot', action='store_true',
-                        help='only redraw the plots and print the table of the existing results '
-                             'file of this configuration (finished or not)')
-    parser.add_argument('--clean-shm', action='store_true',
-                        help="run streaming's clean_stale_shared_memory() first: it unlinks the "
-                             'streaming segments of every process on the machine, so use it only '
-                             'when no other streaming job runs (a killed run of this benchmark '
-                             'does not need it: its local datasets skip stale segments)')
-    parser.add_argument('--resume', action='store_true',
-                        help='keep the finished runs of an existing results file of the same '
-                             'configuration and run only the missing ones')
-    args = parser.parse_args(argv)
-    base = QUICK if args.quick else Config()
-    overrides: dict[str, Any] = {
-        'tasks': TASKS if args.task == 'both' else (args.task,),
-        'seeds': tuple(args.seeds) if args.seeds else None,
-        'ratios': tuple(args.ratios) if args.ratios else None,
-        'steps': args.steps, 'eval_every': args.eval_every, 'eval_size': args.eval_size,
-        'batch_size': args.batch_size, 'num_workers': args.num_workers, 'threads': args.threads,
-        'data_dir': str(args.data_dir) if args.data_dir else None,
-    }
-    config = replace(base, **{k: v for k, v in overrides.items() if v is not None})
-    if config.steps <= 0 or config.eval_every <= 0:
-        parser.error('--steps and --eval-every must be positive')
-    for ratio in config.ratios:
-        try:
-            config.super_batch_size(ratio)
-        except ValueError as error:
-            parser.error(f'--ratios {ratio}: {error}')
-    return config, args
+def _prepare_tasks(config: Config, progress: bool) -> tuple[dict[str, TaskSetup], int]:
+    data = prepare(config.data_dir, noise_rate=config.noise_rate,
+                   clean_fraction=config.clean_fraction, seed=config.data_seed,
+                   limit=config.limit, progress=progress)
+    n_test = len(data.test_labels)
+    eval_rows = (np.arange(n_test) if config.eval_size is None or config.eval_size >= n_test
+                 else np.sort(np.random.default_rng(np.random.SeedSequence(
+                     [config.data_seed, 5])).choice(n_test, config.eval_size, replace=False)))
+    reference = ReferenceSettings(steps=config.reference_steps, lr=config.reference_lr,
+                                  batch_size=config.reference_batch_size, seed=config.data_seed)
+    probe = max(config.super_batch_size(r) for r in config.ratios)
+    setups = {task: prepare_task(task, data=data, reference=reference, eval_rows=eval_rows,
+                                 probe_rows=probe, num_workers=config.num_workers,
+                                 progress=progress)
+              for task in config.tasks}
+    return setups, len(eval_rows)
 
 
-def _stem(config: Config) -> str:
-    return 'learning_efficiency_quick' if config.quick else 'learning_efficiency'
+def _previous_runs(json_path: Path, config: Config, say: Callable[[str], None]
+                   ) -> tuple[list[dict[str, Any]], float]:
+    if not json_path.is_file():
+        return [], 0.0
+    old = json.loads(json_path.read_text())
+    if old.get('schema') == SCHEMA and old.get('config') == json.loads(json.dumps(asdict(config))):
+        say(f'resuming: {len(old["runs"])} finished runs kept from {json_path}')
+        return old['runs'], float(old.get('wall_seconds', 0.0))
+    say(f'{json_path} holds another configuration: starting afresh')
+    return [], 0.0
 
 
-def _write_json(path: Path, record: dict[str, Any]) -> None:
-    write_record(path, record, indent=1)
+def describe(config: Config) -> str:
+    """What a run of ``config`` will do, in a few lines."""
+    runs = sum(len(config.method_names(t)) for t in config.tasks) * len(config.ratios) \
+        * len(config.seeds)
+    methods = '; '.join(f'{t}: {", ".join(config.method_names(t))}' for t in config.tasks)
+    return (f'{runs} training runs of {config.steps} steps (sub-batches of {config.batch_size}; '
+            f'filter ratios {", ".join(map(str, config.ratios))}; seeds '
+            f'{", ".join(map(str, config.seeds))}; {methods}). First: the Fashion-MNIST pool '
+            f'as MDS shards (built once), a reference per task trained on the clean split, '
+            f'and its outputs over the pool stored with jest_stream.annotate into a reference '
+            f'cache that the scorers read.')
 
 
-def run_benchmark(config: Config, out: Path, *, resume: bool = False, clean_shm: bool = False,
-                  progress: bool = True) -> dict[str, Any]:
+def run_benchmark(config: Config, out: Path, *, name: str = 'learning_efficiency',
+                  resume: bool = False, clean_shm: bool = False, progress: bool = True,
+                  argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run every configuration, rewriting the results file after each run.
 
     Args:
         config (Config): The settings.
         out (Path): Output folder.
+        name (str): The benchmark's name (``learning_efficiency``, or a preset's).
         resume (bool): Keep the runs of an existing results file with the same ``config``.
         clean_shm (bool): Run streaming's ``clean_stale_shared_memory()`` first; it unlinks
             the streaming segments of every process on the machine, live ones included.
-        progress (bool): Print progress.
+        progress (bool): Print progress, bars and one line per finished run.
+        argv (Sequence[str], optional): The command line, for the run record.
 
     Returns:
         dict: The results (what the JSON file holds).
@@ -843,107 +661,170 @@ def run_benchmark(config: Config, out: Path, *, resume: bool = False, clean_shm:
         from streaming.base.util import clean_stale_shared_memory
 
         clean_stale_shared_memory()
-    torch.set_num_threads(config.threads)
-    started = time.perf_counter()
-    out.mkdir(parents=True, exist_ok=True)
-    stem = _stem(config)
-    json_path = out / f'{stem}.json'
-    config_record = asdict(config)
-    previous: list[dict[str, Any]] = []
-    earlier_seconds = 0.0
-    if resume and json_path.is_file():
-        old = json.loads(json_path.read_text())
-        if old.get('config') == json.loads(json.dumps(config_record)):
-            previous = old['runs']
-            earlier_seconds = float(old.get('wall_seconds', 0.0))
-            say(f'resuming: {len(previous)} finished runs kept from {json_path}')
-        else:
-            say(f'{json_path} holds another configuration: starting afresh')
-
-    data = prepare(config.data_dir, noise_rate=config.noise_rate,
-                   clean_fraction=config.clean_fraction, seed=config.data_seed,
-                   progress=progress)
-    eval_rows = _evaluation_rows(len(data.test_labels), config.eval_size, config.data_seed)
-    pool = read_columns(data.pool_dir, ['image', 'label', 'train_index'])
-    tasks = {}
-    for task in config.tasks:
-        prepare_task = prepare_classification if task == 'classification' else prepare_contrastive
-        tasks[task] = prepare_task(config, data, pool, eval_rows, say)
-    del pool
-
-    flops: dict[str, Any] = {}
-    for task in config.tasks:
-        for ratio in config.ratios:
-            flops.setdefault(task, {})[str(ratio)] = {
-                name: configuration_flops(tasks[task], name, ratio, config)
-                for name in METHODS[task]}
+    run = report.start_run(name, argv, threads=config.threads)
+    json_path, png_path = report.report_paths(out, name, config.quick)
+    previous, earlier_seconds = _previous_runs(json_path, config, say) if resume else ([], 0.0)
+    setups, n_eval = _prepare_tasks(config, progress)
+    flops = {task: {str(ratio): {m: configuration_flops(setups[task], m, ratio, config)
+                                 for m in config.method_names(task)}
+                    for ratio in config.ratios} for task in config.tasks}
     record: dict[str, Any] = {
-        'schema': 'jest_stream.learning_efficiency/1',
-        'config': config_record,
-        'environment': {'python': platform.python_version(), 'torch': torch.__version__,
-                        'threads': torch.get_num_threads(), 'machine': platform.machine(),
-                        'cpus': os.cpu_count(), 'load_average_at_start': os.getloadavg()},
-        'methods': {task: {name: asdict(config.method(task, name)) for name in METHODS[task]}
+        'schema': SCHEMA, 'config': asdict(config),
+        'methods': {task: {m: config.method(task, m).record() for m in config.method_names(task)}
                     for task in config.tasks},
-        'tasks': {task: {'reference_accuracy': t.reference_accuracy,
-                         'one_off_flops': t.one_off_flops, **t.summary}
-                  for task, t in tasks.items()},
-        'evaluation_images': int(len(eval_rows)),
-        'flops': flops,
-        'runs': list(previous),
-        'complete': False,
+        'tasks': {task: {'reference_accuracy': s.reference_accuracy,
+                         'one_off_flops': s.one_off_flops, **s.summary}
+                  for task, s in setups.items()},
+        'evaluation_images': n_eval, 'flops': flops, 'runs': list(previous), 'complete': False,
+        'setup_seconds': time.perf_counter() - run['_started'],
     }
-    setup_seconds = time.perf_counter() - started
-    say(f'set-up (data, references, FLOPs): {setup_seconds:.0f} s')
+    say(f'set-up (data, references, reference caches, FLOPs): {record["setup_seconds"]:.0f} s')
 
     def save() -> None:
         record['summary'] = summarise(record['runs'], flops, config)
+        record['run'] = report.finish_run(run)
         # Over every invocation that contributed runs (a resumed run adds its time).
-        record['wall_seconds'] = time.perf_counter() - started + earlier_seconds
-        record['setup_seconds'] = setup_seconds
-        _write_json(json_path, record)
+        record['wall_seconds'] = record['run']['wall_s'] + earlier_seconds
+        report.write_record(json_path, record)
 
     done = {(r['task'], r['ratio'], r['seed'], r['method']) for r in previous}
-    todo = [(task, ratio, seed, name) for ratio in config.ratios for task in config.tasks
-            for seed in config.seeds for name in METHODS[task]
-            if (task, ratio, seed, name) not in done]
-    for i, (task, ratio, seed, name) in enumerate(todo, 1):
-        run = run_one(tasks[task], name, ratio, seed, config)
-        record['runs'].append(run)
+    todo = [(task, ratio, seed, m) for ratio in config.ratios for task in config.tasks
+            for seed in config.seeds for m in config.method_names(task)
+            if (task, ratio, seed, m) not in done]
+    for i, (task, ratio, seed, m) in enumerate(todo, 1):
+        result = run_one(setups[task], m, ratio, seed, config, progress=progress)
+        record['runs'].append(result)
         save()
-        say(f'[{i}/{len(todo)}] {task} f={ratio} seed {seed} {name}: final accuracy '
-            f'{run["accuracy"][-1]:.4f}, {run["seconds_per_step"] * 1000:.0f} ms/step '
-            f'({time.perf_counter() - started:.0f} s elapsed)')
-        last_of_group = i == len(todo) or todo[i][:2] != (task, ratio)
-        if last_of_group:
-            plot(record, out / f'{stem}.png')
+        cost = {k: 1e3 * v for k, v in result['step_costs'].items()}
+        say(f'[{i}/{len(todo)}] {task} f={ratio} seed {seed} {m}: accuracy '
+            f'{result["accuracy"][-1]:.4f}, {1e3 * result["seconds_per_step"]:.1f} ms/step '
+            f'(train {cost["train_s"]:.1f}, score {cost["score_s"]:.1f}, select '
+            f'{cost["select_s"]:.1f}, wait {cost["wait_s"]:.1f}), noisy '
+            f'{result["noisy_fraction_overall"]:.3f}; '
+            f'{time.perf_counter() - run["_started"]:.0f} s elapsed')
+        if i < len(todo) and todo[i][:2] != (task, ratio):
+            plot(record, png_path)  # a finished task and ratio, while the others run
     record['complete'] = True
     save()
-    plot(record, out / f'{stem}.png')
-    plot(record, out / f'{stem}_flops.png', x_axis='flops')
+    plot(record, png_path)
     say('')
     say(format_table(record))
-    say(f'\n{record["wall_seconds"]:.0f} s in all (set-up {setup_seconds:.0f} s); wrote '
-        f'{json_path}, {stem}.png and {stem}_flops.png')
+    say('')
+    for line in format_verdicts(record):
+        say(line)
+    say(f'\n{record["wall_seconds"]:.0f} s in all (set-up {record["setup_seconds"]:.0f} s); '
+        f'wrote {json_path} and {png_path.name}')
     return record
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the benchmark from the command line; returns the exit status."""
-    config, args = parse_args(argv)
+def build_parser(name: str, preset: Config, quick: Config, description: str
+                 ) -> argparse.ArgumentParser:
+    """The command line of this benchmark and of its presets (other defaults, same options)."""
+    parser = report.benchmark_parser(
+        name, description, seeds=preset.seeds, threads=preset.threads,
+        quick=f'ratio(s) {", ".join(map(str, quick.ratios))}, seeds '
+              f'{" ".join(map(str, quick.seeds))}, {quick.steps} steps, '
+              f'{quick.eval_size or "all"} test images')
+    parser.add_argument('--task', choices=(*TASKS, 'both'), default=None,
+                        help=f'default: {" and ".join(preset.tasks)}')
+    parser.add_argument('--methods', nargs='+', default=None,
+                        help='methods to run besides uniform (default: '
+                             f'{" ".join(preset.methods) if preset.methods else "all"})')
+    parser.add_argument('--ratios', type=float, nargs='+', default=None,
+                        help=f'filter ratios (default {" ".join(map(str, preset.ratios))})')
+    parser.add_argument('--steps', type=int, default=None, help='optimizer steps per run')
+    parser.add_argument('--eval-every', type=int, default=None)
+    parser.add_argument('--eval-size', type=int, default=None,
+                        help='test images per evaluation (default: all; --quick: 2000)')
+    parser.add_argument('--batch-size', type=int, default=None, help='sub-batch size b')
+    parser.add_argument('--num-workers', type=int, default=None)
+    parser.add_argument('--limit', type=int, default=None,
+                        help='use only the first LIMIT train images (a small pool)')
+    parser.add_argument('--reference-steps', type=int, default=None,
+                        help=f'optimizer steps of each reference (default '
+                             f'{preset.reference_steps}; --quick: {quick.reference_steps})')
+    parser.add_argument('--data-dir', type=Path, default=None)
+    parser.add_argument('--replot', action='store_true',
+                        help='only redraw the plot and print the table of the existing results '
+                             'file of this configuration (finished or not)')
+    parser.add_argument('--clean-shm', action='store_true',
+                        help="run streaming's clean_stale_shared_memory() first: it unlinks the "
+                             'streaming segments of every process on the machine, so use it only '
+                             'when no other streaming job runs (a killed run of this benchmark '
+                             'does not need it: its local datasets skip stale segments)')
+    parser.add_argument('--resume', action='store_true',
+                        help='keep the finished runs of an existing results file of the same '
+                             'configuration and run only the missing ones')
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None, *, name: str = 'learning_efficiency',
+               preset: Config | None = None, quick: Config = QUICK,
+               description: str = __doc__.split('\n\n')[0]
+               ) -> tuple[Config, argparse.Namespace]:
+    """The configuration and the other arguments (``out``, ``resume``, ``replot``...)."""
+    preset = Config() if preset is None else preset
+    parser = build_parser(name, preset, quick, description)
+    args = parser.parse_args(argv)
+    base = quick if args.quick else preset
+    tasks = None if args.task is None else (tuple(TASKS) if args.task == 'both' else (args.task,))
+    overrides: dict[str, Any] = {
+        'tasks': tasks, 'methods': tuple(args.methods) if args.methods else None,
+        'seeds': tuple(args.seeds) if args.seeds else None,
+        'ratios': tuple(args.ratios) if args.ratios else None,
+        'steps': args.steps, 'eval_every': args.eval_every, 'eval_size': args.eval_size,
+        'batch_size': args.batch_size, 'num_workers': args.num_workers, 'threads': args.threads,
+        'limit': args.limit, 'reference_steps': args.reference_steps,
+        'data_dir': str(args.data_dir) if args.data_dir else None,
+    }
+    config = replace(base, **{k: v for k, v in overrides.items() if v is not None})
+    if config.steps <= 0 or config.eval_every <= 0:
+        parser.error('--steps and --eval-every must be positive')
+    known = {m for t in config.tasks for m in METHODS[t]}
+    if config.methods and not set(config.methods) <= known:
+        parser.error(f'--methods {" ".join(sorted(set(config.methods) - known))}: not a method '
+                     f'of {" or ".join(config.tasks)}; choose from {" ".join(sorted(known))}')
+    for ratio in config.ratios:
+        try:
+            config.super_batch_size(ratio)
+        except ValueError as error:
+            parser.error(f'--ratios {ratio}: {error}')
+    return config, args
+
+
+def main(argv: Sequence[str] | None = None, *, name: str = 'learning_efficiency',
+         preset: Config | None = None, quick: Config = QUICK,
+         intro: Callable[[Config], str] | None = None, description: str | None = None) -> int:
+    """Run the benchmark (or a preset of it) from the command line; returns the exit status.
+
+    Args:
+        argv (Sequence[str], optional): Arguments (``sys.argv[1:]`` by default).
+        name (str): The benchmark's name: its results folder and file names.
+        preset (Config, optional): Defaults of the run; :class:`Config` by default.
+        quick (Config): Defaults under ``--quick``.
+        intro (Callable, optional): ``intro(config)``: text printed before anything runs.
+        description (str, optional): What ``--help`` says the benchmark does.
+    """
+    config, args = parse_args(argv, name=name, preset=preset, quick=quick,
+                              description=description or __doc__.split('\n\n')[0])
+    json_path, png_path = report.report_paths(args.out, name, config.quick)
     if args.replot:
-        path = args.out / f'{_stem(config)}.json'
-        if not path.is_file():
-            print(f'{path} does not exist: run the benchmark first')
+        if not json_path.is_file():
+            print(f'{json_path} does not exist: run the benchmark first')
             return 1
-        results = json.loads(path.read_text())
-        plot(results, args.out / f'{_stem(config)}.png')
-        plot(results, args.out / f'{_stem(config)}_flops.png', x_axis='flops')
+        results = json.loads(json_path.read_text())
+        if results.get('schema') != SCHEMA:
+            print(f'{json_path} was written by another version of this benchmark '
+                  f'({results.get("schema")!r}, not {SCHEMA!r}): run it again')
+            return 1
+        plot(results, png_path)
         print(format_table(results))
         print(f'\n{len(results["runs"])} runs, complete: {results["complete"]}; redrew '
-              f'{_stem(config)}.png and {_stem(config)}_flops.png')
+              f'{png_path.name}')
         return 0
-    run_benchmark(config, args.out, resume=args.resume, clean_shm=args.clean_shm)
+    print(intro(config) if intro else describe(config), flush=True)
+    run_benchmark(config, args.out, name=name, resume=args.resume, clean_shm=args.clean_shm,
+                  argv=argv)
     return 0
 
 

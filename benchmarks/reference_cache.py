@@ -2,7 +2,8 @@
 
 Run it from the repository root::
 
-    python -m benchmarks.reference_cache     # about a minute on two CPU cores
+    python -m benchmarks.reference_cache            # about a minute on two CPU cores
+    python -m benchmarks.reference_cache --quick    # 4,096 samples, 10 timed steps
 
 Measured side by side in one run, on a temporary pool of 28x28 uint8 images with labels
 (the columns of the Fashion-MNIST pool; pixel values do not change any figure here):
@@ -20,15 +21,12 @@ Measured side by side in one run, on a temporary pool of 28x28 uint8 images with
    loader drew (streaming's shuffled order), from a fresh cache (every part read,
    checked and decompressed once) and again once its parts are held in memory.
 
-Results go to ``results/reference_cache/reference_cache.json``.
+Results go to ``benchmarks/results/reference_cache/`` (``reference_cache.json`` and
+``reference_cache.png``; ``reference_cache_quick.*`` for ``--quick``).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import platform
 import tempfile
 import time
 from collections.abc import Sequence
@@ -39,12 +37,21 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from benchmarks.fashion_mnist import batch_logits
-from benchmarks.models import make_cnn
+from benchmarks.common import report
+from benchmarks.common.data import batch_logits, open_streaming
+from benchmarks.common.models import make_cnn
+from benchmarks.common.tasks import classification_scorer
+from jest_stream import (
+    ReferenceCache,
+    SampleIdStreamingDataset,
+    SelectiveLoader,
+    annotate,
+    model_checksum,
+)
+from jest_stream.cache import CacheWriter, Fingerprint, dataset_fingerprint
 
-__all__ = ['main', 'write_pool', 'cache_sizes', 'loader_demand', 'read_throughput']
+__all__ = ['cache_sizes', 'loader_demand', 'main', 'read_throughput', 'write_pool']
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 KINDS = {'loss': ('loss', None), 'emb64': ('embeddings', 64), 'emb256': ('embeddings', 256)}
 
 
@@ -81,8 +88,6 @@ def _folder_bytes(path: Path) -> int:
 
 def cache_sizes(root: Path, dataset: Path, n: int, *, part_size: int) -> dict[str, Any]:
     """Write one cache per kind; bytes on disk per sample and write speed."""
-    from jest_stream.cache import CacheWriter, Fingerprint, dataset_fingerprint
-
     results = {}
     for kind, (group, _) in KINDS.items():
         arrays = synthetic_outputs(kind, n)
@@ -124,14 +129,12 @@ def loader_demand(pool: Path, reference: Any, *, batches: int, warmup: int, seed
     Returns:
         tuple: The figures, and the ids of every super-batch drawn (in order).
     """
-    from jest_stream import ClassificationScorer, SampleIdStreamingDataset, SelectiveLoader
-
     learner = make_cnn(seed)
     optimizer = torch.optim.Adam(learner.parameters(), lr=1e-3)
-    scorer = _RecordingScorer(ClassificationScorer(learner, reference, forward=batch_logits,
-                                                   target_key='label'))
-    dataset = SampleIdStreamingDataset(local=str(pool), batch_size=320, shuffle=True,
-                                       shuffle_seed=seed, num_canonical_nodes=1)
+    scorer = _RecordingScorer(classification_scorer(learner, reference))
+    dataset = open_streaming(lambda: SampleIdStreamingDataset(
+        local=str(pool), batch_size=320, shuffle=True, shuffle_seed=seed,
+        num_canonical_nodes=1))
     loader = SelectiveLoader(dataset, batch_size=64, filter_ratio=0.8, scorer=scorer,
                              method='topk', seed=seed, num_workers=workers)
     score_s = 0.0
@@ -154,8 +157,6 @@ def loader_demand(pool: Path, reference: Any, *, batches: int, warmup: int, seed
 
 def read_throughput(path: Path, dataset: Path, order: list[torch.Tensor]) -> dict[str, float]:
     """Samples/s of ``ReferenceCache.outputs`` over the super-batches of ``order``."""
-    from jest_stream.cache import ReferenceCache
-
     cache = ReferenceCache(path, dataset=dataset, model_checksum=None, transform=None)
     n = sum(len(ids) for ids in order)
     figures = {}
@@ -168,91 +169,113 @@ def read_throughput(path: Path, dataset: Path, order: list[torch.Tensor]) -> dic
     return figures
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog='python -m benchmarks.reference_cache',
-        description='Bytes per sample and read throughput of the reference cache, against the '
-                    "loader's demand, measured in one run.")
-    parser.add_argument('--samples', type=int, default=16384, help='samples in the pool')
-    parser.add_argument('--part-size', type=int, default=8192, help='samples per cache part')
-    parser.add_argument('--steps', type=int, default=20, help='timed loader steps per setting')
-    parser.add_argument('--workers', type=int, default=2, help='DataLoader workers')
-    parser.add_argument('--out-dir', type=Path,
-                        default=REPO_ROOT / 'benchmarks' / 'results' / 'reference_cache')
-    return parser.parse_args(argv)
+def _measure(root: Path, samples: int, part_size: int, steps: int, workers: int
+             ) -> dict[str, Any]:
+    pool = write_pool(root / 'pool', samples)
+    record: dict[str, Any] = {'sizes': cache_sizes(root / 'sizes', pool, samples,
+                                                   part_size=part_size)}
+    reference = make_cnn(1)
+    annotated = annotate(out=root / 'reference', model=reference, transform_id='benchmark',
+                         local=pool, forward=batch_logits, target_key='label', batch_size=512,
+                         num_workers=workers, part_size=part_size, progress=True)
+    record['annotate_samples_per_s'] = samples / annotated.seconds
+    record['annotated_loss_disk_bytes_per_sample'] = _folder_bytes(root / 'reference') / samples
+    warmup = 2
+    live, _ = loader_demand(pool, reference, batches=steps, warmup=warmup, seed=0,
+                            workers=workers)
+    cache = ReferenceCache(root / 'reference', dataset=pool,
+                           model_checksum=model_checksum(reference), transform='benchmark')
+    cached, order = loader_demand(pool, cache, batches=steps, warmup=warmup, seed=0,
+                                  workers=workers)
+    record['loader'] = {'live_reference': live, 'cached_reference': cached}
+    order = order[warmup:warmup + steps]
+    record['reads'] = {}
+    for kind in KINDS:
+        reads = read_throughput(root / 'sizes' / kind, pool, order)
+        reads['cold_over_demand'] = reads['cold_samples_per_s'] / cached['drawn_samples_per_s']
+        record['reads'][kind] = reads
+    record['super_batches_read'] = len(order)
+    return record
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the benchmark; returns the exit status."""
-    args = parse_args(argv)
-    from streaming.base.util import clean_stale_shared_memory
-
-    clean_stale_shared_memory()
-    from jest_stream.annotate import annotate
-    from jest_stream.cache import ReferenceCache, model_checksum
-
-    started = time.perf_counter()
-    record: dict[str, Any] = {'config': {k: str(v) if isinstance(v, Path) else v
-                                         for k, v in vars(args).items()}}
-    with tempfile.TemporaryDirectory(prefix='jest-stream-cache-bench-') as tmp:
-        root = Path(tmp)
-        pool = write_pool(root / 'pool', args.samples)
-        sizes = cache_sizes(root / 'sizes', pool, args.samples, part_size=args.part_size)
-        record['sizes'] = sizes
-
-        reference = make_cnn(1)
-        annotated = annotate(out=root / 'reference', model=reference, transform_id='benchmark',
-                             local=pool, forward=batch_logits, target_key='label',
-                             batch_size=512, num_workers=args.workers,
-                             part_size=args.part_size, progress=False)
-        record['annotate_samples_per_s'] = args.samples / annotated.seconds
-        record['annotated_loss_disk_bytes_per_sample'] = (
-            _folder_bytes(root / 'reference') / args.samples)
-
-        warmup = 2
-        live, _ = loader_demand(pool, reference, batches=args.steps, warmup=warmup, seed=0,
-                                workers=args.workers)
-        cache = ReferenceCache(root / 'reference', dataset=pool,
-                               model_checksum=model_checksum(reference), transform='benchmark')
-        cached, order = loader_demand(pool, cache, batches=args.steps, warmup=warmup, seed=0,
-                                      workers=args.workers)
-        record['loader'] = {'live_reference': live, 'cached_reference': cached}
-        order = order[warmup:warmup + args.steps]
-        demand = cached['drawn_samples_per_s']
-        reads = {}
-        for kind in KINDS:
-            reads[kind] = read_throughput(root / 'sizes' / kind, pool, order)
-            reads[kind]['cold_over_demand'] = reads[kind]['cold_samples_per_s'] / demand
-        record['reads'] = reads
-    record['wall_seconds'] = time.perf_counter() - started
-    record['platform'] = {'python': platform.python_version(), 'torch': torch.__version__,
-                          'threads': torch.get_num_threads(), 'cpus': os.cpu_count()}
-
-    print(f'Pool of {args.samples} samples, cache parts of {args.part_size}.')
+def _print(record: dict[str, Any]) -> None:
+    config = record['config']
+    print(f'Pool of {config["samples"]} samples, cache parts of {config["part_size"]}.')
     print('\nBytes per sample     raw    on disk   disk/raw   write samples/s')
-    for kind, s in sizes.items():
+    for kind, s in record['sizes'].items():
         print(f'  {kind:<8} {s["raw_bytes_per_sample"]:>10.1f} {s["disk_bytes_per_sample"]:>10.1f}'
               f' {s["disk_over_raw"]:>10.3f} {s["write_samples_per_s"]:>17,.0f}')
     print(f'  loss of the annotated CNN: {record["annotated_loss_disk_bytes_per_sample"]:.2f} '
           f'bytes per sample on disk')
-    print(f'\nAnnotation (SmallCNN, {args.workers} workers): '
+    print(f'\nAnnotation (SmallCNN, {config["workers"]} workers): '
           f'{record["annotate_samples_per_s"]:,.0f} samples/s')
     print('\nLoader demand (B=320, b=64, learnability top-k, training step included)')
-    for label, figures in record['loader'].items():
+    loader = record['loader']
+    for label, figures in loader.items():
         print(f'  {label:<17} {figures["drawn_samples_per_s"]:>8,.0f} samples/s drawn, '
               f'{figures["score_s_per_super_batch"] * 1e3:.1f} ms scoring per super-batch')
-    print(f'  the cache makes the loader draw '
-          f'{cached["drawn_samples_per_s"] / live["drawn_samples_per_s"]:.2f}x as fast')
-    print(f'\nCache reads in the loader\'s order ({len(order)} super-batches of 320)')
+    cached, live = (loader[k]['drawn_samples_per_s']
+                    for k in ('cached_reference', 'live_reference'))
+    print(f'  the cache makes the loader draw {cached / live:.2f}x as fast')
+    print(f'\nCache reads in the loader\'s order ({record["super_batches_read"]} super-batches '
+          f'of 320)')
     print('  kind        cold samples/s   warm samples/s   cold / loader demand')
-    for kind, r in reads.items():
+    for kind, r in record['reads'].items():
         print(f'  {kind:<8} {r["cold_samples_per_s"]:>17,.0f} {r["warm_samples_per_s"]:>16,.0f}'
               f' {r["cold_over_demand"]:>21,.0f}x')
 
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    path = args.out_dir / 'reference_cache.json'
-    path.write_text(json.dumps(record, indent=2) + '\n')
-    print(f'\nWrote {path} ({record["wall_seconds"]:.0f} s in all)')
+
+def _plot(record: dict[str, Any], path: Path) -> None:
+    plt = report.pyplot()
+    fig, (sizes_ax, speed_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
+    kinds = list(record['sizes'])
+    x = np.arange(len(kinds))
+    for offset, key, label in ((-0.2, 'raw_bytes_per_sample', 'raw'),
+                               (0.2, 'disk_bytes_per_sample', 'on disk')):
+        sizes_ax.bar(x + offset, [record['sizes'][k][key] for k in kinds], 0.4, label=label)
+    sizes_ax.set_xticks(x, kinds)
+    sizes_ax.set(ylabel='bytes per sample', yscale='log',
+                 title='reference cache size per sample (float32 loss, float16 embeddings)')
+    sizes_ax.legend(fontsize=8)
+    names = [f'loader, {k.split("_")[0]} reference' for k in record['loader']]
+    rates = [v['drawn_samples_per_s'] for v in record['loader'].values()]
+    for kind, reads in record['reads'].items():
+        names += [f'{kind} read, cold', f'{kind} read, warm']
+        rates += [reads['cold_samples_per_s'], reads['warm_samples_per_s']]
+    colours = ['tab:gray'] * len(record['loader']) + ['tab:blue', 'tab:cyan'] * len(KINDS)
+    speed_ax.barh(range(len(names)), rates, color=colours)
+    speed_ax.set_yticks(range(len(names)), names, fontsize=8)
+    speed_ax.set(xscale='log', xlabel='samples per second',
+                 title="cache reads against the loader's demand")
+    for ax in (sizes_ax, speed_ax):
+        ax.grid(alpha=0.3, axis='y' if ax is sizes_ax else 'x')
+    report.save_figure(fig, path)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark; returns the exit status."""
+    parser = report.benchmark_parser('reference_cache', __doc__.split('\n\n')[0],
+                              quick='4,096 samples in parts of 2,048, 10 timed loader steps')
+    parser.add_argument('--samples', type=int, default=None,
+                        help='samples in the pool (default 16384)')
+    parser.add_argument('--part-size', type=int, default=None,
+                        help='samples per cache part (default 8192)')
+    parser.add_argument('--steps', type=int, default=None,
+                        help='timed loader steps per setting (default 20)')
+    parser.add_argument('--workers', type=int, default=2, help='DataLoader workers')
+    args = parser.parse_args(argv)
+    defaults = (4096, 2048, 10) if args.quick else (16384, 8192, 20)
+    config = {'samples': args.samples or defaults[0], 'part_size': args.part_size or defaults[1],
+              'steps': args.steps or defaults[2], 'workers': args.workers,
+              'quick': bool(args.quick)}
+    run = report.start_run('reference_cache', argv)
+    with tempfile.TemporaryDirectory(prefix='jest-stream-cache-bench-') as tmp:
+        record = {'config': config, **_measure(Path(tmp), config['samples'], config['part_size'],
+                                               config['steps'], config['workers'])}
+    record['run'] = report.finish_run(run)
+    _print(record)
+    report.write_report(record, *report.report_paths(args.out, 'reference_cache', args.quick),
+                        _plot)
     return 0
 
 

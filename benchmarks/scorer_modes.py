@@ -29,32 +29,34 @@ cost).
    (batches and weights shared by CUDA IPC), host-to-device bandwidth from pinned
    and from pageable memory, and how much of the scoring time process scoring hides.
 
-Results go to ``results/scorer_modes/`` (``scorer_modes.json`` and ``scorer_modes.png``).
+Results go to ``benchmarks/results/scorer_modes/`` (``scorer_modes.json`` and
+``scorer_modes.png``; ``scorer_modes_quick.*`` for ``--quick``).
 """
 
 from __future__ import annotations
 
-import argparse
 import gc
-import json
 import os
-import platform
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import psutil
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
-from benchmarks.fashion_mnist import batch_logits, prepare
-from benchmarks.models import count_parameters, make_cnn
+from benchmarks.common import report, stats
+from benchmarks.common.data import batch_logits, open_streaming, prepare
+from benchmarks.common.models import count_parameters, make_cnn
+from benchmarks.common.tasks import classification_scorer
+from benchmarks.common.training import synchronize
+from jest_stream import SampleIdStreamingDataset, SelectiveLoader, get_criterion
 
-__all__ = ['BenchConfig', 'main', 'parse_args']
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
+__all__ = ['BenchConfig', 'cli', 'main', 'parse_args']
 
 
 @dataclass(frozen=True)
@@ -73,8 +75,8 @@ class BenchConfig:
     memory_epoch_batches: int = 20
     seed: int = 0
     gpu: bool = False
-    data_dir: str = str(REPO_ROOT / 'data' / 'fashion-mnist')
-    out_dir: str = str(REPO_ROOT / 'benchmarks' / 'results' / 'scorer_modes')
+    quick: bool = False
+    data_dir: str = str(report.REPO_ROOT / 'data' / 'fashion-mnist')
 
 
 @dataclass(frozen=True)
@@ -95,13 +97,6 @@ def _models(config: BenchConfig, device: str) -> tuple[torch.nn.Module, torch.nn
     return learner, reference
 
 
-def _scorer(learner: torch.nn.Module, reference: torch.nn.Module | None) -> Any:
-    from jest_stream import ClassificationScorer
-
-    # batch_logits is a module-level function, so the scorer pickles for the scorer process.
-    return ClassificationScorer(learner, reference, target_key='label', forward=batch_logits)
-
-
 def _train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict) -> None:
     optimizer.zero_grad(set_to_none=True)
     F.cross_entropy(batch_logits(model, batch), batch['label']).backward()
@@ -109,27 +104,18 @@ def _train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch:
 
 
 def _dataset(config: BenchConfig, pool: Path, *, epoch_size: int | None = None) -> Any:
-    from jest_stream import SampleIdStreamingDataset
-
-    return SampleIdStreamingDataset(local=str(pool), batch_size=config.super_batch_size,
-                                    shuffle=True, shuffle_seed=config.seed,
-                                    epoch_size=epoch_size)
-
-
-def _sync(device: str) -> None:
-    if device.startswith('cuda'):
-        torch.cuda.synchronize()
+    return open_streaming(lambda: SampleIdStreamingDataset(
+        local=str(pool), batch_size=config.super_batch_size, shuffle=True,
+        shuffle_seed=config.seed, epoch_size=epoch_size))
 
 
 def measure_costs(config: BenchConfig, pool: Path, threads: int, device: str = 'cpu'
                   ) -> dict[str, float]:
     """Seconds per training step on ``b`` and per scoring of ``B``, in this process alone."""
-    from jest_stream import SelectiveLoader, get_criterion
-
     torch.set_num_threads(threads)
     learner, reference = _models(config, device)
     optimizer = torch.optim.SGD(learner.parameters(), lr=config.lr)
-    scorer = _scorer(learner, reference)
+    scorer = classification_scorer(learner, reference)
     # One whole super-batch: a uniform loader that keeps everything it draws.
     loader = SelectiveLoader(_dataset(config, pool), batch_size=config.super_batch_size,
                              super_batch_size=config.super_batch_size, criterion='uniform',
@@ -141,14 +127,14 @@ def measure_costs(config: BenchConfig, pool: Path, threads: int, device: str = '
     criterion = get_criterion(config.criterion)
     train, score = [], []
     for _ in range(25):
-        _sync(device)
+        synchronize(device)
         start = time.perf_counter()
         _train_step(learner, optimizer, small)
-        _sync(device)
+        synchronize(device)
         train.append(time.perf_counter() - start)
         start = time.perf_counter()
         scorer(big, big['sample_id'], criterion)
-        _sync(device)
+        synchronize(device)
         score.append(time.perf_counter() - start)
     train, score = train[5:], score[5:]
     return {'threads': threads, 'train_step_s': statistics.median(train),
@@ -156,29 +142,36 @@ def measure_costs(config: BenchConfig, pool: Path, threads: int, device: str = '
             'score_over_train': statistics.median(score) / statistics.median(train)}
 
 
+def _training(config: BenchConfig, pool: Path, device: str, scoring: str, *,
+              epoch_size: int | None = None
+              ) -> tuple[torch.nn.Module, torch.optim.Optimizer, SelectiveLoader]:
+    """A fresh learner, its SGD optimizer, and a top-k loader scoring ``inline`` or in a process."""
+    learner, reference = _models(config, device)
+    optimizer = torch.optim.SGD(learner.parameters(), lr=config.lr, momentum=0.9)
+    loader = SelectiveLoader(_dataset(config, pool, epoch_size=epoch_size),
+                             batch_size=config.batch_size,
+                             super_batch_size=config.super_batch_size,
+                             scorer=classification_scorer(learner, reference),
+                             criterion=config.criterion, method='topk', seed=config.seed,
+                             device=device, scoring=scoring)
+    return learner, optimizer, loader
+
+
 def run_mode(config: BenchConfig, pool: Path, mode: Mode) -> dict[str, Any]:
     """Train ``warmup + steps`` steps through a loader in ``mode``; time the last ``steps``."""
-    from jest_stream import SelectiveLoader
-
     torch.set_num_threads(mode.threads)
-    learner, reference = _models(config, mode.device)
-    optimizer = torch.optim.SGD(learner.parameters(), lr=config.lr, momentum=0.9)
-    extra = {'scoring': 'process'} if mode.scoring == 'process' else {}
-    loader = SelectiveLoader(_dataset(config, pool), batch_size=config.batch_size,
-                             super_batch_size=config.super_batch_size,
-                             scorer=_scorer(learner, reference), criterion=config.criterion,
-                             method='topk', seed=config.seed, device=mode.device, **extra)
+    learner, optimizer, loader = _training(config, pool, mode.device, mode.scoring)
     metrics = []
     with loader:
         iterator = iter(loader)
         for _ in range(config.warmup):
             _train_step(learner, optimizer, next(iterator))
-        _sync(mode.device)
+        synchronize(mode.device)
         start = time.perf_counter()
         for _ in range(config.steps):
             _train_step(learner, optimizer, next(iterator))
             metrics.append(dict(loader.metrics))
-        _sync(mode.device)
+        synchronize(mode.device)
         elapsed = time.perf_counter() - start
         child = loader.scorer_process.startup if loader.scorer_process else None
     del iterator, loader
@@ -198,22 +191,15 @@ def run_mode(config: BenchConfig, pool: Path, mode: Mode) -> dict[str, Any]:
 
 def memory_run(config: BenchConfig, pool: Path, threads: int) -> dict[str, Any]:
     """RSS of the trainer and the scorer process over many short epochs of process scoring."""
-    from jest_stream import SelectiveLoader
-
     torch.set_num_threads(threads)
-    learner, reference = _models(config, 'cpu')
-    optimizer = torch.optim.SGD(learner.parameters(), lr=config.lr, momentum=0.9)
-    epoch_size = config.super_batch_size * config.memory_epoch_batches
-    loader = SelectiveLoader(_dataset(config, pool, epoch_size=epoch_size),
-                             batch_size=config.batch_size,
-                             super_batch_size=config.super_batch_size,
-                             scorer=_scorer(learner, reference), criterion=config.criterion,
-                             method='topk', seed=config.seed, scoring='process')
+    learner, optimizer, loader = _training(
+        config, pool, 'cpu', 'process',
+        epoch_size=config.super_batch_size * config.memory_epoch_batches)
     trainer = psutil.Process()
     samples: list[tuple[int, int, int]] = []
     steps = 0
     with loader:
-        for _ in range(config.memory_epochs):
+        for _ in tqdm(range(config.memory_epochs), desc='memory run', unit='epoch'):
             for batch in loader:
                 _train_step(learner, optimizer, batch)
                 steps += 1
@@ -227,19 +213,10 @@ def memory_run(config: BenchConfig, pool: Path, threads: int) -> dict[str, Any]:
     warm = [s for s in samples if s[0] >= config.memory_epoch_batches * 3] or samples
     for index, who in ((1, 'trainer'), (2, 'scorer')):
         values = [s[index] / mib for s in warm]
-        out[f'{who}_slope_mib_per_1000_steps'] = 1000 * _slope([s[0] for s in warm], values)
+        out[f'{who}_slope_mib_per_1000_steps'] = 1000 * stats.slope([s[0] for s in warm], values)
         out[f'{who}_range_after_warmup_mib'] = max(values) - min(values)
         out[f'{who}_rss_mib'] = values[-1]
     return out
-
-
-def _slope(x: list[float], y: list[float]) -> float:
-    """Least-squares slope of ``y`` over ``x``."""
-    if len(x) < 2:
-        return 0.0
-    mean_x, mean_y = sum(x) / len(x), sum(y) / len(y)
-    spread = sum((a - mean_x) ** 2 for a in x)
-    return sum((a - mean_x) * (b - mean_y) for a, b in zip(x, y, strict=True)) / spread
 
 
 def host_to_device_bandwidth(nbytes: int, repeats: int = 20) -> dict[str, float]:
@@ -264,14 +241,13 @@ def host_to_device_bandwidth(nbytes: int, repeats: int = 20) -> dict[str, float]
 def compare(config: BenchConfig, pool: Path, modes: list[Mode]) -> dict[str, Any]:
     """Each mode once per round, interleaved, so slow phases of the machine hit all modes."""
     runs: dict[str, list[dict[str, Any]]] = {mode.name: [] for mode in modes}
-    for round_index in range(config.rounds):
-        for mode in modes:
-            result = run_mode(config, pool, mode)
-            runs[mode.name].append(result)
-            print(f'  round {round_index + 1}/{config.rounds} {mode.name:>24}: '
-                  f'{result["steps_per_s"]:6.2f} steps/s  (mean staleness '
-                  f'{result["staleness"] if result["staleness"] is not None else "-"})',
-                  flush=True)
+    plan = [(round_index, mode) for round_index in range(config.rounds) for mode in modes]
+    for round_index, mode in tqdm(plan, desc='throughput runs', unit='run'):
+        result = run_mode(config, pool, mode)
+        runs[mode.name].append(result)
+        tqdm.write(f'  round {round_index + 1}/{config.rounds} {mode.name:>24}: '
+                   f'{result["steps_per_s"]:6.2f} steps/s  (mean staleness '
+                   f'{result["staleness"] if result["staleness"] is not None else "-"})')
     summary = {}
     for name, results in runs.items():
         rates = [r['steps_per_s'] for r in results]
@@ -281,11 +257,7 @@ def compare(config: BenchConfig, pool: Path, modes: list[Mode]) -> dict[str, Any
 
 
 def _plot(results: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-
+    plt = report.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     cpu = results['cpu']
     names = list(cpu)
@@ -303,19 +275,18 @@ def _plot(results: dict[str, Any], path: Path) -> None:
     axes[1].set_ylabel('RSS (MiB)')
     axes[1].set_title(f'memory over {results["memory"]["epochs"]} epochs (process scoring)')
     axes[1].legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    report.save_figure(fig, path)
 
 
-def main(config: BenchConfig) -> dict[str, Any]:
+def main(config: BenchConfig, out: Path, argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run every measurement; write ``scorer_modes.json`` and ``scorer_modes.png`` to ``out``."""
+    run_record = report.start_run('scorer_modes', argv)
     data = prepare(config.data_dir)
     cores = os.cpu_count() or 1
     half = max(1, cores // 2)
     trainer_threads = max(1, cores - half)
     results: dict[str, Any] = {
-        'config': asdict(config), 'platform': platform.platform(), 'cores': cores,
-        'torch': torch.__version__, 'data': data.summary(),
+        'config': asdict(config), 'data': data.summary(),
         'parameters': count_parameters(make_cnn(0, hidden=config.hidden)),
     }
     print(f'{cores} cores; learner: SmallCNN with {results["parameters"]} parameters; '
@@ -364,11 +335,8 @@ def main(config: BenchConfig) -> dict[str, Any]:
           flush=True)
     if config.gpu:
         results['gpu'] = gpu_section(config, data.pool_dir)
-    out = Path(config.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / 'scorer_modes.json').write_text(json.dumps(results, indent=2))
-    _plot(results, out / 'scorer_modes.png')
-    print(f'wrote {out / "scorer_modes.json"} and {out / "scorer_modes.png"}')
+    results['run'] = report.finish_run(run_record)
+    report.write_report(results, *report.report_paths(out, 'scorer_modes', config.quick), _plot)
     return results
 
 
@@ -398,29 +366,30 @@ def gpu_section(config: BenchConfig, pool: Path) -> dict[str, Any]:
     return out
 
 
-def parse_args(argv: list[str] | None = None) -> BenchConfig:
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('--quick', action='store_true', help='a smoke run')
+def parse_args(argv: Sequence[str] | None = None) -> tuple[BenchConfig, Any]:
+    """The configuration and the other arguments (``out``)."""
+    parser = report.benchmark_parser('scorer_modes', __doc__.split('\n\n')[0],
+                              quick='30 timed steps, one round, 6 memory epochs')
     parser.add_argument('--gpu', action='store_true', help='also measure the CUDA paths')
     parser.add_argument('--criterion', choices=['hard_learner', 'learnability'],
                         help='hard_learner (default; the cost of learnability with a cached '
                              'reference) or learnability with a live reference')
     parser.add_argument('--steps', type=int, help='timed steps per mode and round')
     parser.add_argument('--rounds', type=int, help='interleaved rounds')
-    parser.add_argument('--out-dir', help='where the JSON and the plot go')
     args = parser.parse_args(argv)
     config = BenchConfig(gpu=args.gpu)
     if args.quick:
-        config = BenchConfig(gpu=args.gpu, steps=30, warmup=5, rounds=1, memory_epochs=6,
-                             memory_epoch_batches=10)
-    overrides = {key: value for key, value in (('steps', args.steps), ('rounds', args.rounds),
-                                                ('out_dir', args.out_dir),
-                                                ('criterion', args.criterion))
-                 if value is not None}
-    if overrides:
-        config = BenchConfig(**{**asdict(config), **overrides})
-    return config
+        config = replace(config, steps=30, warmup=5, rounds=1, memory_epochs=6,
+                         memory_epoch_batches=10, quick=True)
+    overrides = {'steps': args.steps, 'rounds': args.rounds, 'criterion': args.criterion}
+    return replace(config, **{k: v for k, v in overrides.items() if v is not None}), args
+
+
+def cli(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """``python -m benchmarks.scorer_modes``."""
+    config, args = parse_args(argv)
+    return main(config, args.out, argv)
 
 
 if __name__ == '__main__':
-    main(parse_args())
+    cli()

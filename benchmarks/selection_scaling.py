@@ -34,7 +34,8 @@ On CUDA (``--gpu``) both methods run in this process; peaks come from
 ``torch.cuda.max_memory_allocated`` above what was allocated before the call.
 
 Results go to ``benchmarks/results/selection_scaling/`` (``selection_scaling.json`` and
-``selection_scaling.png``: time and peak memory against B, log-log).
+``selection_scaling.png``: time and peak memory against B, log-log; ``selection_scaling_quick.*``
+for ``--quick``).
 """
 
 from __future__ import annotations
@@ -44,23 +45,29 @@ import ctypes
 import gc
 import hashlib
 import json
-import math
 import os
-import platform
 import resource
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
-from benchmarks.records import write_record
+from benchmarks.common import report, stats
+from jest_stream import (
+    Embeddings,
+    SigmoidPairScores,
+    get_criterion,
+    joint_select,
+    joint_select_incremental,
+)
 
 __all__ = [
     'METHODS',
@@ -79,8 +86,6 @@ __all__ = [
     'sub_batch_size',
 ]
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-RESULTS_DIR = REPO_ROOT / 'benchmarks' / 'results' / 'selection_scaling'
 _CHILD_PREFIX = 'SELECTION_SCALING_RESULT '
 _FLOAT32_BYTES = 4
 
@@ -101,7 +106,7 @@ class ScalingConfig:
     seed: int = 0
     gpu: bool = False
     gpu_sizes: tuple[int, ...] = (1024, 2048, 4096, 8192, 16384, 32768, 65536)
-    out_dir: str = str(RESULTS_DIR)
+    quick: bool = False
     child_timeout_s: float = 1800.0
     methods: tuple[str, ...] = ('materialised', 'incremental')
 
@@ -128,8 +133,6 @@ def make_embeddings(size: int, dim: int, *, seed: int, device: str | torch.devic
     Returns:
         tuple[Embeddings, Embeddings]: Learner and reference embeddings, float32.
     """
-    from jest_stream import Embeddings
-
     generator = torch.Generator().manual_seed(seed)
 
     def one() -> Embeddings:
@@ -142,16 +145,12 @@ def make_embeddings(size: int, dim: int, *, seed: int, device: str | torch.devic
 
 
 def _pair_scores(learner: Any, reference: Any) -> Any:
-    from jest_stream import SigmoidPairScores, get_criterion
-
     return SigmoidPairScores(learner, reference, get_criterion('learnability'))
 
 
 def select_materialised(learner: Any, reference: Any, n_select: int, *, n_chunks: int,
                         temperature: float, generator: torch.Generator) -> Tensor:
     """Build the ``B x B`` learnability matrix, then :func:`jest_stream.joint_select` on it."""
-    from jest_stream import joint_select
-
     matrix = _pair_scores(learner, reference).materialise()
     return joint_select(matrix, n_select, n_chunks=n_chunks, temperature=temperature,
                         generator=generator)
@@ -160,8 +159,6 @@ def select_materialised(learner: Any, reference: Any, n_select: int, *, n_chunks
 def select_incremental(learner: Any, reference: Any, n_select: int, *, n_chunks: int,
                        temperature: float, generator: torch.Generator) -> Tensor:
     """:func:`jest_stream.joint_select_incremental` over the pair scores' blocks."""
-    from jest_stream import joint_select_incremental
-
     return joint_select_incremental(_pair_scores(learner, reference), n_select,
                                     n_chunks=n_chunks, temperature=temperature,
                                     generator=generator)
@@ -272,7 +269,8 @@ def measure_in_subprocess(method: str, size: int, config: ScalingConfig) -> dict
     env = {**os.environ, 'OMP_NUM_THREADS': str(config.threads)}
     done = subprocess.run(
         [sys.executable, '-m', 'benchmarks.selection_scaling', '--child', spec],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=config.child_timeout_s)
+        cwd=report.REPO_ROOT, env=env, capture_output=True, text=True,
+        timeout=config.child_timeout_s)
     for line in reversed(done.stdout.splitlines()):
         if line.startswith(_CHILD_PREFIX):
             return json.loads(line[len(_CHILD_PREFIX):])
@@ -328,17 +326,6 @@ def measure_cuda(method: str, size: int, config: ScalingConfig, device: str = 'c
 # Analysis ------------------------------------------------------------------------------
 
 
-def _slope(xs: list[float], ys: list[float]) -> float | None:
-    """Least-squares slope of ``log y`` against ``log x``."""
-    points = [(math.log(x), math.log(y)) for x, y in zip(xs, ys, strict=True) if y > 0]
-    if len(points) < 2:
-        return None
-    mean_x = sum(p[0] for p in points) / len(points)
-    mean_y = sum(p[1] for p in points) / len(points)
-    var = sum((p[0] - mean_x) ** 2 for p in points)
-    return sum((p[0] - mean_x) * (p[1] - mean_y) for p in points) / var if var else None
-
-
 def fit_memory(sizes: list[int], peaks: list[float], *, filter_ratio: float,
                n_chunks: int) -> dict[str, Any]:
     """How a method's peak memory grows with ``B``.
@@ -361,8 +348,8 @@ def fit_memory(sizes: list[int], peaks: list[float], *, filter_ratio: float,
     """
     pairs = sorted((s, p) for s, p in zip(sizes, peaks, strict=True) if p is not None)
     out: dict[str, Any] = {
-        'slope': _slope([s for s, _ in pairs], [p for _, p in pairs]),
-        'slope_top3': _slope([s for s, _ in pairs[-3:]], [p for _, p in pairs[-3:]]),
+        'slope': stats.loglog_slope([s for s, _ in pairs], [p for _, p in pairs]),
+        'slope_top3': stats.loglog_slope([s for s, _ in pairs[-3:]], [p for _, p in pairs[-3:]]),
         'per_size': [],
     }
     for size, peak in pairs:
@@ -498,22 +485,26 @@ def _print_table(summary: dict[str, Any], config: ScalingConfig, title: str) -> 
               f'peak in float32 blocks at the largest sizes: {units}')
 
 
+def _plan(config: ScalingConfig, sizes: Sequence[int]) -> list[tuple[int, int, str]]:
+    """``(round, size, method)`` of every measurement: each size once per round, the order of
+    the methods alternating between rounds."""
+    return [(round_index, size, method) for round_index in range(config.rounds)
+            for size in sizes
+            for method in (config.methods[::-1] if round_index % 2 else config.methods)]
+
+
 def run_cpu(config: ScalingConfig) -> list[dict[str, Any]]:
     """Every size and method once per round, each in a fresh process, interleaved."""
     runs = []
-    for round_index in range(config.rounds):
-        for size in config.sizes:
-            methods = list(config.methods)
-            if round_index % 2:
-                methods.reverse()
-            for method in methods:
-                result = measure_in_subprocess(method, size, config)
-                result['round'] = round_index
-                runs.append(result)
-                print(f'  round {round_index + 1}/{config.rounds} B={size:>6} {method:>12}: '
-                      f'{statistics.median(result["times_s"]):8.4f} s (x{len(result["times_s"])})'
-                      f', peak +{result["peak_bytes"] / (1 << 20):9.1f} MiB, load '
-                      f'{result["loadavg"][0]:.1f}', flush=True)
+    for round_index, size, method in tqdm(_plan(config, config.sizes), desc='cpu measurements',
+                                          unit='process'):
+        result = measure_in_subprocess(method, size, config)
+        result['round'] = round_index
+        runs.append(result)
+        tqdm.write(f'  round {round_index + 1}/{config.rounds} B={size:>6} {method:>12}: '
+                   f'{statistics.median(result["times_s"]):8.4f} s (x{len(result["times_s"])})'
+                   f', peak +{result["peak_bytes"] / (1 << 20):9.1f} MiB, load '
+                   f'{result["loadavg"][0]:.1f}')
     return runs
 
 
@@ -528,34 +519,24 @@ def run_gpu(config: ScalingConfig) -> dict[str, Any]:
         _run(method, *warm, sub_batch_size(64, config.filter_ratio), config, device)
     del warm
     runs = []
-    for round_index in range(config.rounds):
-        for size in config.gpu_sizes:
-            methods = list(config.methods)
-            if round_index % 2:
-                methods.reverse()
-            for method in methods:
-                result = measure_cuda(method, size, config, device)
-                result['round'] = round_index
-                runs.append(result)
-                text = ('out of memory' if result['oom'] else
-                        f'{statistics.median(result["times_s"]):8.5f} s, peak '
-                        f'+{result["peak_bytes"] / (1 << 20):9.1f} MiB')
-                print(f'  cuda round {round_index + 1}/{config.rounds} B={size:>6} '
-                      f'{method:>12}: {text}', flush=True)
+    for round_index, size, method in tqdm(_plan(config, config.gpu_sizes),
+                                          desc='cuda measurements', unit='call'):
+        result = measure_cuda(method, size, config, device)
+        result['round'] = round_index
+        runs.append(result)
+        text = ('out of memory' if result['oom'] else
+                f'{statistics.median(result["times_s"]):8.5f} s, peak '
+                f'+{result["peak_bytes"] / (1 << 20):9.1f} MiB')
+        tqdm.write(f'  cuda round {round_index + 1}/{config.rounds} B={size:>6} '
+                   f'{method:>12}: {text}')
     summary = summarise(runs, replace(config, sizes=config.gpu_sizes))
     return {'available': True, 'device': torch.cuda.get_device_name(), 'runs': runs,
             'summary': summary}
 
 
 def _plot(results: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-
-    sections = [('cpu', results['cpu']['summary'])]
-    if results.get('gpu', {}).get('available'):
-        sections.append(('cuda', results['gpu']['summary']))
+    plt = report.pyplot()
+    sections = report.device_sections(results)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     styles = {'cpu': '-', 'cuda': '--'}
     markers = {'materialised': 'o', 'incremental': 's'}
@@ -589,22 +570,34 @@ def _plot(results: dict[str, Any], path: Path) -> None:
                      f'f={config["filter_ratio"]}, {config["n_chunks"]} chunks)', fontsize=9)
         ax.legend(fontsize=7)
         ax.grid(True, which='both', alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    report.save_figure(fig, path)
 
 
-def main(config: ScalingConfig) -> dict[str, Any]:
-    started = time.perf_counter()
+def _print_verdicts(results: dict[str, Any]) -> None:
+    target, run = results['targets'], results['run']
+    ratio = target['speed_ratio_at_largest']
+    if target['memory_met'] is not None:
+        print(f'\npeak per float32 B x b block, incremental, two largest sizes: '
+              f'{target["incremental_per_Bxb"][0]:.2f}, {target["incremental_per_Bxb"][1]:.2f}; '
+              f'per float32 B x B matrix, materialised: {target["materialised_per_BxB"][0]:.2f}, '
+              f'{target["materialised_per_BxB"][1]:.2f} (grows as B b against B^2: '
+              f'{"met" if target["memory_met"] else "NOT met"})', flush=True)
+    print(f'incremental / materialised speed at B={results["cpu"]["summary"]["largest_size"]}: '
+          f'{ratio:.2f}x (target >= 5x: {"met" if target["speed_met"] else "NOT met"}); load '
+          f'{run["loadavg_end"][0]:.1f}; {run["wall_s"]:.0f} s in all' if ratio
+          else 'no speed ratio', flush=True)
+
+
+def main(config: ScalingConfig, out: Path, argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Measure every size and method; write ``selection_scaling.json`` and ``.png`` to ``out``."""
+    run = report.start_run('selection_scaling', argv)
     results: dict[str, Any] = {
-        'benchmark': 'selection_scaling', 'config': asdict(config),
-        'platform': platform.platform(), 'cores': os.cpu_count(), 'torch': torch.__version__,
-        'python': platform.python_version(), 'loadavg_start': os.getloadavg(),
+        'config': asdict(config),
         'memory_method': 'peak RSS of a fresh process (ru_maxrss after resetting the '
                          'high-water mark via /proc/self/clear_refs) minus its RSS just '
                          'before the call; CUDA: max_memory_allocated minus allocated before',
     }
-    print(f'{os.cpu_count()} cores, load {results["loadavg_start"][0]:.1f}; '
+    print(f'{os.cpu_count()} cores, load {run["loadavg_start"][0]:.1f}; '
           f'd={config.dim}, filter ratio {config.filter_ratio}, {config.n_chunks} chunks, '
           f'float32, {config.threads} torch thread(s) per process; sizes {list(config.sizes)}; '
           f'{config.rounds} interleaved rounds', flush=True)
@@ -623,36 +616,20 @@ def main(config: ScalingConfig) -> dict[str, Any]:
         'speed_met': ratio is not None and ratio >= 5.0,
         **memory_verdict(summary['memory_fit']),
     }
-    results['loadavg_end'] = os.getloadavg()
-    results['wall_s'] = time.perf_counter() - started
-    verdict = 'met' if results['targets']['speed_met'] else 'NOT met'
-    if results['targets']['memory_met'] is not None:
-        target = results['targets']
-        print(f'\npeak per float32 B x b block, incremental, two largest sizes: '
-              f'{target["incremental_per_Bxb"][0]:.2f}, {target["incremental_per_Bxb"][1]:.2f}; '
-              f'per float32 B x B matrix, materialised: {target["materialised_per_BxB"][0]:.2f}, '
-              f'{target["materialised_per_BxB"][1]:.2f} (grows as B b against B^2: '
-              f'{"met" if target["memory_met"] else "NOT met"})', flush=True)
-    print(f'incremental / materialised speed at B={summary["largest_size"]}: '
-          f'{ratio:.2f}x (target >= 5x: {verdict}); load {results["loadavg_end"][0]:.1f}; '
-          f'{results["wall_s"]:.0f} s in all' if ratio else 'no speed ratio', flush=True)
-    out = Path(config.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_record(out / 'selection_scaling.json', results)
-    _plot(results, out / 'selection_scaling.png')
-    print(f'wrote {out / "selection_scaling.json"} and {out / "selection_scaling.png"}')
+    results['run'] = report.finish_run(run)
+    _print_verdicts(results)
+    report.write_report(results, *report.report_paths(out, 'selection_scaling', config.quick),
+                        _plot)
     return results
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('--quick', action='store_true', help='a smoke run (B up to 2048)')
+    parser = report.benchmark_parser('selection_scaling', __doc__.split('\n\n')[0], threads=1,
+                              quick='B from 256 to 2048, one round')
     parser.add_argument('--gpu', action='store_true', help='also measure on CUDA')
     parser.add_argument('--sizes', type=int, nargs='+', help='super-batch sizes B (CPU)')
     parser.add_argument('--gpu-sizes', type=int, nargs='+', help='super-batch sizes B (CUDA)')
     parser.add_argument('--rounds', type=int, help='interleaved rounds')
-    parser.add_argument('--threads', type=int, help='torch threads per CPU process (default 1)')
-    parser.add_argument('--out-dir', help='where the JSON and the plot go')
     # One measurement in a fresh process (what measure_in_subprocess starts).
     parser.add_argument('--child', help=argparse.SUPPRESS)
     return parser
@@ -662,26 +639,26 @@ def _config(args: argparse.Namespace) -> ScalingConfig:
     config = ScalingConfig(gpu=args.gpu)
     if args.quick:
         config = replace(config, sizes=(256, 512, 1024, 2048), gpu_sizes=(1024, 4096, 16384),
-                         rounds=1, min_time_s=0.2)
+                         rounds=1, min_time_s=0.2, quick=True)
     overrides = {'sizes': tuple(args.sizes) if args.sizes else None,
                  'gpu_sizes': tuple(args.gpu_sizes) if args.gpu_sizes else None,
-                 'rounds': args.rounds, 'threads': args.threads, 'out_dir': args.out_dir}
+                 'rounds': args.rounds, 'threads': args.threads}
     return replace(config, **{key: value for key, value in overrides.items()
                               if value is not None})
 
 
-def parse_args(argv: list[str] | None = None) -> ScalingConfig:
+def parse_args(argv: Sequence[str] | None = None) -> ScalingConfig:
     """The configuration the command line asks for."""
     return _config(_parser().parse_args(argv))
 
 
-def cli(argv: list[str] | None = None) -> None:
+def cli(argv: Sequence[str] | None = None) -> None:
     """``python -m benchmarks.selection_scaling``."""
     args = _parser().parse_args(argv)
     if args.child:
         _child(args.child)
         return
-    main(_config(args))
+    main(_config(args), args.out, argv)
 
 
 if __name__ == '__main__':

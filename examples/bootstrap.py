@@ -40,8 +40,9 @@ from tqdm.auto import tqdm
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks.fashion_mnist import MEAN, STD, batch_logits, prepare, read_columns  # noqa: E402
-from benchmarks.models import evaluate, make_cnn, train_classifier  # noqa: E402
+from benchmarks.common.data import MEAN, STD, batch_logits, prepare, read_columns  # noqa: E402
+from benchmarks.common.models import make_cnn  # noqa: E402
+from benchmarks.common.training import evaluate, train_classifier  # noqa: E402
 
 # The reference sees the pixels through batch_logits' normalisation: name it, so the cache
 # is only ever opened for the same transform.
@@ -78,14 +79,14 @@ def train_reference(clean_dir: Path, steps: int, path: Path) -> torch.nn.Module:
 def annotate_pool(pool_dir: Path, checkpoint: Path, out: Path, workers: int) -> None:
     """Store the reference's loss for every pool sample, through the command line."""
     command = ['annotate', '--local', str(pool_dir),
-               '--model', 'benchmarks.models:make_cnn', '--model-kwargs', '{"seed": 0}',
+               '--model', 'benchmarks.common.models:make_cnn', '--model-kwargs', '{"seed": 0}',
                '--checkpoint', str(checkpoint),
-               '--forward', 'benchmarks.fashion_mnist:batch_logits', '--target-key', 'label',
+               '--forward', 'benchmarks.common.data:batch_logits', '--target-key', 'label',
                '--transform-id', TRANSFORM_ID, '--out', str(out),
                '--batch-size', '512', '--workers', str(workers)]
     print('$ ' + shlex.join(['jest-stream', *command]))
     # The same as the jest-stream console script, run by this interpreter; from the
-    # repository root, so that benchmarks.models imports.
+    # repository root, so that benchmarks.common.models imports.
     subprocess.run([sys.executable, '-m', 'jest_stream.cli', *command], cwd=REPO_ROOT,
                    check=True)
 

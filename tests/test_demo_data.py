@@ -1,4 +1,4 @@
-"""Data preparation of the Fashion-MNIST benchmarks: IDX reading, label noise, MDS shards."""
+"""Data preparation of the benchmarks (``benchmarks.common.data``): IDX, label noise, MDS shards."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import pytest
 import torch
 from streaming import StreamingDataset
 
-from benchmarks import fashion_mnist
-from benchmarks.fashion_mnist import (
+from benchmarks.common import data as fashion_mnist
+from benchmarks.common.data import (
     CLEAN_COLUMNS,
     DEFAULT_SOURCE_DIR,
     FILES,
@@ -22,7 +22,9 @@ from benchmarks.fashion_mnist import (
     POOL_COLUMNS,
     SOURCE_ENV_VAR,
     STD,
+    build_atomically,
     load_fashion_mnist,
+    open_streaming,
     prepare,
     read_columns,
     read_idx,
@@ -248,7 +250,7 @@ def test_prepare_is_cached_and_rebuilds_on_other_parameters(tmp_path, fake_sourc
         raise AssertionError('a cached prepare() must not write shards')
 
     with monkeypatch.context() as patch:
-        patch.setattr(fashion_mnist, '_write_mds', no_writing)
+        patch.setattr(fashion_mnist, 'write_mds', no_writing)
         again = prepare(root, limit=100, size_limit=1 << 14, progress=False)
     assert again.summary() == first.summary()
     assert {p: p.stat().st_mtime_ns for p in root.rglob('*')} == files
@@ -279,3 +281,56 @@ def test_prepare_rejects_a_split_that_leaves_nothing(tmp_path, fake_source):
     with pytest.raises(ValueError, match='clean_fraction'):
         prepare(tmp_path / 'out', limit=10, clean_fraction=0.01, progress=False)
     assert not (tmp_path / 'out').exists()
+
+
+def test_read_columns_reads_the_first_samples_in_id_order(tmp_path, fake_source):
+    data = prepare(tmp_path / 'out', limit=100, size_limit=1 << 14, progress=False)
+    whole = read_columns(data.pool_dir, ['train_index', 'label'])
+    first = read_columns(data.pool_dir, ['train_index', 'label'], limit=7)
+    for name in ('train_index', 'label'):
+        np.testing.assert_array_equal(first[name], whole[name][:7])
+    with pytest.raises(KeyError, match='no columns'):
+        read_columns(data.pool_dir, ['caption'], limit=3)
+
+
+def test_build_atomically_replaces_a_build_and_leaves_nothing_behind_a_failure(tmp_path):
+    root = tmp_path / 'built'
+
+    def build(version: int):
+        def write(folder: Path) -> dict:
+            (folder / 'value.txt').write_text(str(version))
+            return {'version': version}
+        return write
+
+    assert build_atomically(root, build(1)) == {'version': 1}
+    assert build_atomically(root, build(2)) == {'version': 2}
+    assert (root / 'value.txt').read_text() == '2'
+    assert json.loads((root / 'prepared.json').read_text()) == {'version': 2}
+
+    def failing(folder: Path) -> dict:
+        (folder / 'half.txt').write_text('half')
+        raise RuntimeError('interrupted')
+
+    with pytest.raises(RuntimeError, match='interrupted'):
+        build_atomically(root, failing)
+    # The finished build stays; the interrupted one leaves no folder beside it.
+    assert (root / 'value.txt').read_text() == '2'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['built']
+
+
+def test_open_streaming_retries_a_shared_memory_race():
+    calls = []
+
+    def make():
+        calls.append(1)
+        if len(calls) < 2:
+            raise FileExistsError('prefix taken')
+        return 'dataset'
+
+    assert open_streaming(make, attempts=2) == 'dataset' and len(calls) == 2
+
+    def always_taken():
+        raise FileExistsError('prefix taken')
+
+    with pytest.raises(FileExistsError):
+        open_streaming(always_taken, attempts=2)

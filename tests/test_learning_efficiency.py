@@ -1,4 +1,4 @@
-"""The learning-efficiency benchmark's pieces, and a smoke run of it on a tiny pool."""
+"""The learning-efficiency benchmark's pieces, its presets, and a smoke run on a tiny pool."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.contrastive import (
+from benchmarks import demo
+from benchmarks.common.captions import (
     ADJECTIVES,
     CLASS_PHRASES,
     MAX_TOKENS,
@@ -18,23 +19,46 @@ from benchmarks.contrastive import (
     VOCABULARY,
     caption,
     class_prompt_tokens,
-    make_two_tower,
     pool_captions,
     random_captions,
-    sigmoid_loss,
     tokenize,
-    zero_shot_accuracy,
 )
-from benchmarks.fashion_mnist import DEFAULT_SOURCE_DIR, FILES, N_CLASSES, read_columns, source_dir
+from benchmarks.common.data import (
+    DEFAULT_SOURCE_DIR,
+    FILES,
+    N_CLASSES,
+    batch_logits,
+    read_columns,
+    source_dir,
+)
+from benchmarks.common.models import make_classifier, make_two_tower, sigmoid_loss
+from benchmarks.common.training import train_on_arrays, zero_shot_accuracy
 from benchmarks.learning_efficiency import (
     METHODS,
     Config,
-    StoredReference,
-    make_classifier,
+    Method,
+    parse_args,
     run_benchmark,
-    steps_to_target,
     summarise,
 )
+from jest_stream import ReferenceCache, train_step_flops
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """One torch thread, as the benchmark runs (it sets it too); the test's own is put back.
+
+    These small models train several times slower when two threads fork and join on cores
+    shared with the DataLoader workers.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+needs_fashion_mnist = pytest.mark.skipif(
+    not (source_dir() / FILES['train'][0]).is_file(),
+    reason=f'Fashion-MNIST is not installed under {DEFAULT_SOURCE_DIR}')
 
 
 def test_every_caption_tokenises_within_the_vocabulary() -> None:
@@ -81,86 +105,201 @@ def test_two_tower_runs_at_full_and_half_resolution() -> None:
     assert make_classifier(1)(torch.randn(3, 1, 14, 14)).shape == (3, N_CLASSES)
 
 
-def test_stored_reference_refuses_misaligned_samples() -> None:
-    stored = StoredReference({'loss': torch.arange(5.0)}, torch.tensor([10, 11, 12, 13, 14]))
-    out = stored.outputs({'train_index': torch.tensor([13, 10])}, torch.tensor([3, 0]))
-    torch.testing.assert_close(out['loss'], torch.tensor([3.0, 0.0]))
-    with pytest.raises(RuntimeError, match='not aligned'):
-        stored.outputs({'train_index': torch.tensor([13, 11])}, torch.tensor([3, 0]))
+def test_models_start_from_their_seed_alone() -> None:
+    state = torch.random.get_rng_state()
+    first, again, other = make_two_tower(4), make_two_tower(4), make_two_tower(5)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    for a, b in zip(first.parameters(), again.parameters(), strict=True):
+        torch.testing.assert_close(a, b)
+    assert not torch.equal(first.image.fc1.weight, other.image.fc1.weight)
 
 
-def _run(method: str, seed: int, accuracy: list[float]) -> dict:
+def test_training_on_arrays_lowers_the_loss_and_refuses_ragged_columns() -> None:
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (64, 28, 28), generator=generator, dtype=torch.uint8).numpy()
+    labels = (images.reshape(64, -1).mean(1) > 127).astype(np.int64)
+    model = make_classifier(0)
+
+    def loss_fn(m, batch):
+        return torch.nn.functional.cross_entropy(
+            m((batch['image'].float() / 255 - 0.5).unsqueeze(1)), batch['label'])
+
+    losses = train_on_arrays(model, {'image': images, 'label': labels}, loss_fn, steps=60,
+                             batch_size=16, lr=1e-2, seed=0)
+    assert len(losses) == 60 and np.mean(losses[-10:]) < np.mean(losses[:10])
+    with pytest.raises(ValueError, match='different lengths'):
+        train_on_arrays(model, {'image': images, 'label': labels[:10]}, loss_fn, steps=1,
+                        batch_size=4, lr=1e-2, seed=0)
+
+
+def _run(method: str, seed: int, accuracy: list[float], seconds: list[float]) -> dict:
     return {'task': 'classification', 'method': method, 'ratio': 0.8, 'seed': seed,
-            'steps': [0, 10, 20, 30, 40], 'accuracy': accuracy, 'noisy_fraction_overall': 0.1,
-            'seconds_per_step': 0.01}
+            'steps': [0, 10, 20, 30, 40], 'accuracy': accuracy, 'seconds': seconds,
+            'train_seconds': seconds[-1], 'seconds_per_step': seconds[-1] / 40,
+            'noisy_fraction_overall': 0.1,
+            'step_costs': {key: 0.001 for key in ('train_s', 'score_s', 'select_s', 'wait_s',
+                                                  'transfer_s', 'other_s')}}
 
 
-def test_summary_counts_steps_and_flops_to_uniform_final_accuracy() -> None:
-    assert steps_to_target([0, 10, 20], [0.1, 0.5, 0.7], 0.5) == 10
-    assert steps_to_target([0, 10, 20], [0.1, 0.5, 0.7], 0.8) is None
+def test_summary_counts_steps_flops_and_seconds_to_uniform_final_accuracy() -> None:
     config = Config(tasks=('classification',), ratios=(0.8,), seeds=(0, 1), steps=40,
                     eval_every=10)
-    runs = [_run('uniform', 0, [0.1, 0.3, 0.4, 0.5, 0.6]),
-            _run('uniform', 1, [0.1, 0.3, 0.4, 0.5, 0.6]),
-            _run('learnability', 0, [0.1, 0.5, 0.6, 0.7, 0.7]),
-            _run('learnability', 1, [0.1, 0.4, 0.55, 0.7, 0.7]),
-            _run('hard_learner', 0, [0.1, 0.2, 0.2, 0.2, 0.2])]
+    uniform_seconds = [0.0, 1.0, 2.0, 3.0, 4.0]
+    learn_seconds = [0.0, 3.0, 6.0, 9.0, 12.0]
+    runs = [_run('uniform', 0, [0.1, 0.3, 0.4, 0.5, 0.6], uniform_seconds),
+            _run('uniform', 1, [0.1, 0.3, 0.4, 0.5, 0.6], uniform_seconds),
+            _run('learnability', 0, [0.1, 0.5, 0.6, 0.7, 0.7], learn_seconds),
+            _run('learnability', 1, [0.1, 0.4, 0.55, 0.7, 0.7], learn_seconds),
+            _run('hard_learner', 0, [0.1, 0.2, 0.2, 0.2, 0.2], learn_seconds)]
     per_step = {'uniform': 100, 'learnability': 300, 'hard_learner': 300, 'easy_reference': 100}
-    flops = {'classification': {'0.8': {name: {'per_step': value,
-                                               'per_step_live_reference': 2 * value}
-                                        for name, value in per_step.items()}}}
+    # A live reference forward costs 300 FLOPs per step to the scored methods.
+    flops = {'classification': {'0.8': {
+        name: {'per_step': value, 'per_step_live_reference': value + 300 * (name != 'uniform')}
+        for name, value in per_step.items()}}}
     entry = summarise(runs, flops, config)['classification']['0.8']
     assert entry['target_accuracy'] == pytest.approx(0.6)
     learn = entry['methods']['learnability']
-    # Mean curve 0.1, 0.45, 0.575, 0.7: reaches 0.6 at step 30.
-    assert learn['steps_to_target'] == 30
+    # Mean curve 0.1, 0.45, 0.575, 0.7: reaches 0.6 at step 30, after 9 s of training.
+    assert learn['steps_to_target'] == 30 and learn['seconds_to_target'] == pytest.approx(9.0)
     assert learn['speedup_steps'] == pytest.approx(40 / 30)
     assert learn['speedup_flops'] == pytest.approx(40 * 100 / (30 * 300))
-    assert learn['per_seed']['0']['steps_to_target'] == 20
-    assert learn['per_seed']['1']['steps_to_target'] == 30
+    assert learn['speedup_flops_live_reference'] == pytest.approx(40 * 100 / (30 * 600))
+    # Fewer steps, but each costs three uniform steps: later in wall-clock time.
+    assert learn['speedup_wall'] == pytest.approx(4.0 / 9.0)
+    seed0, seed1 = learn['per_seed']['0'], learn['per_seed']['1']
+    assert (seed0['steps_to_target'], seed1['steps_to_target']) == (20, 30)
+    assert seed0['speedup_wall'] == pytest.approx(4.0 / 6.0)
+    assert seed0['speedup_flops'] == pytest.approx(40 * 100 / (20 * 300))
+    spread = learn['per_seed_speedups']['steps']
+    assert spread['mean'] == pytest.approx((2.0 + 4 / 3) / 2) and spread['n'] == 2
+    assert spread['ci95'][0] < spread['mean'] < spread['ci95'][1]
+    assert learn['step_costs']['score_s'] == pytest.approx(0.001)
     hard = entry['methods']['hard_learner']
-    assert hard['steps_to_target'] is None and hard['speedup_steps'] is None
-    assert hard['seeds'] == [0] and hard['seeds_reaching_target'] == 0
+    assert hard['steps_to_target'] is None and hard['speedup_wall'] is None
+    assert hard['seeds'] == [0] and hard['per_seed_speedups']['steps']['n'] == 0
     assert 'easy_reference' not in entry['methods']
 
 
-@pytest.mark.skipif(not (source_dir() / FILES['train'][0]).is_file(),
-                    reason=f'Fashion-MNIST is not installed under {DEFAULT_SOURCE_DIR}')
-def test_smoke_run_on_a_tiny_pool(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import benchmarks.learning_efficiency as benchmark
-    from benchmarks.fashion_mnist import prepare
+def test_presets_share_the_benchmark_and_its_options() -> None:
+    config, _ = parse_args(['--methods', 'learnability', '--steps', '50'], name='demo',
+                           preset=demo.DEMO, quick=demo.DEMO_QUICK)
+    assert config.tasks == ('classification',) and config.steps == 50
+    assert config.method_names('classification') == ('uniform', 'learnability')
+    quick, _ = parse_args(['--quick'], name='demo', preset=demo.DEMO, quick=demo.DEMO_QUICK)
+    assert quick.quick and quick.seeds == (0,)
+    with pytest.raises(SystemExit):
+        parse_args(['--methods', 'joint'], preset=demo.DEMO)
 
-    real_prepare = prepare
+
+class _ProxyScorer:
+    """Learnability scored by a small proxy model of its own, trained on what is selected."""
+
+    def __init__(self, setup, reference) -> None:
+        self.learner = make_classifier(99)
+        self.scorer = setup.task.make_scorer(self.learner, reference)
+        self.optimizer = torch.optim.SGD(self.learner.parameters(), lr=0.01)
+
+    def __call__(self, batch, sample_ids, criterion):
+        return self.scorer(batch, sample_ids, criterion)
+
+
+def _proxy_loss(model, batch):
+    return torch.nn.functional.cross_entropy(batch_logits(model, batch), batch['label'])
+
+
+def _hooked_methods(calls: list[int]) -> dict[str, Method]:
+    """Two methods built from the registry's hooks, as a proxy scorer or a peer would be."""
+
+    def train_proxy(scorer, batch):
+        calls.append(len(batch['label']))
+        scorer.optimizer.zero_grad()
+        _proxy_loss(scorer.learner, batch).backward()
+        scorer.optimizer.step()
+
+    def fixed_batches(setup, method, scorer, ratio, seed, config):
+        return [{key: value[:config.batch_size] for key, value in setup.probe.items()}]
+
+    return {'proxy': Method('proxy learnability', 'learnability',
+                            scorer=lambda setup, learner, reference, *_: _ProxyScorer(
+                                setup, reference),
+                            after_step=train_proxy,
+                            extra_flops=lambda scorer, big, small: train_step_flops(
+                                scorer.learner, small, _proxy_loss)),
+            'twice': Method('same batch, twice the budget', loader=fixed_batches,
+                            steps=lambda config: 2 * config.steps)}
+
+
+@needs_fashion_mnist
+def test_smoke_run_on_a_tiny_pool(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    for name, method in _hooked_methods(calls).items():
+        monkeypatch.setitem(METHODS['classification'], name, method)
     # 600 training images: a pool of 570 and a clean split of 30.
-    monkeypatch.setattr(benchmark, 'prepare', lambda *a, **k: real_prepare(
-        *a, **{**k, 'limit': 600}))
     config = Config(ratios=(0.5,), seeds=(0,), steps=4, eval_every=2, eval_size=50,
                     batch_size=8, n_chunks=4, reference_steps=3, reference_batch_size=16,
-                    num_workers=0, data_dir=str(tmp_path / 'fm'))
+                    num_workers=0, limit=600, data_dir=str(tmp_path / 'fm'))
     out = tmp_path / 'out'
     record = run_benchmark(config, out, progress=False)
     saved = json.loads((out / 'learning_efficiency.json').read_text())
-    assert saved['complete'] and len(saved['runs']) == 8
-    assert (out / 'learning_efficiency.png').is_file()
+    assert saved['complete'] and len(saved['runs']) == 10
+    assert (out / 'learning_efficiency.png').stat().st_size > 0
+    assert saved['run']['command'].startswith('python -m benchmarks.learning_efficiency')
     for task in ('classification', 'contrastive'):
         entry = saved['summary'][task]['0.5']
         assert set(entry['methods']) == set(METHODS[task])
-        for run in (r for r in saved['runs'] if r['task'] == task):
-            assert run['steps'] == [0, 2, 4] and len(run['accuracy']) == 3
+        for name, summary in entry['methods'].items():
+            assert {'speedup_steps', 'speedup_flops', 'speedup_wall',
+                    'per_seed_speedups'} <= set(summary)
+            costs = summary['step_costs']
+            assert sum(costs.values()) == pytest.approx(summary['seconds_per_step_mean'])
+            if name not in ('uniform', 'twice'):
+                assert costs['score_s'] > 0
         flops = saved['flops'][task]['0.5']
-        assert flops['uniform']['learner_scoring'] == 0
-        # Learner scoring costs FLOPs on top of training, unless it is cheap (Flexi).
-        assert all(flops[name]['per_step'] > flops['uniform']['per_step']
-                   for name in METHODS[task]
-                   if name not in ('uniform', 'easy_reference', 'flexi_joint'))
+        assert flops['uniform']['score'] == 0 == flops['uniform']['reference_forward']
         assert flops['uniform']['per_step'] == flops['uniform']['train']
+        # With stored reference outputs, learnability scores with the learner alone.
+        assert flops['uniform']['per_step'] < flops['learnability' if task == 'classification'
+                                                    else 'joint']['per_step']
+        # The references are stored by annotate and read back through ReferenceCache.
+        pool_dir = tmp_path / ('fm' if task == 'classification' else 'fm-captions') / 'pool'
+        cache = ReferenceCache(saved['tasks'][task]['reference_cache'], dataset=pool_dir,
+                               model_checksum=saved['tasks'][task]['reference_checksum'],
+                               transform=None)
+        assert cache.num_samples == 570
+    classification = saved['flops']['classification']['0.5']
+    assert classification['easy_reference']['score'] == 0
+    assert classification['easy_reference']['reference_forward'] > 0
     cheap, full = (saved['flops']['contrastive']['0.5'][name] for name in ('flexi_joint', 'joint'))
-    assert cheap['learner_scoring'] < 0.5 * full['learner_scoring']
-    assert cheap['train'] < full['train']
-    # The captioned pool holds, row for row, the captions the stored reference was built on.
+    assert cheap['score'] < 0.5 * full['score'] and cheap['train'] < full['train']
+    assert full['select'] > 0
+    # The hooks: a proxy trained after every step and counted; another loader and budget.
+    assert calls == [8] * 4 and classification['proxy']['extra'] > 0
+    assert classification['proxy']['per_step'] == sum(
+        classification['proxy'][k] for k in ('train', 'score', 'select', 'extra'))
+    twice = next(r for r in saved['runs'] if r['method'] == 'twice')
+    assert twice['steps'][-1] == 8 and twice['noisy_fraction_overall'] >= 0
+    # The captioned pool holds, row for row, the captions the reference was annotated on.
     pool = read_columns(tmp_path / 'fm-captions' / 'pool', ['text', 'label'])
     np.testing.assert_array_equal(pool['text'], pool_captions(pool['label'], 0))
 
     # A resumed run keeps every finished run and trains nothing more.
     again = run_benchmark(replace(config), out, resume=True, progress=False)
-    assert again['runs'] == record['runs']
+    assert again['runs'] == record['runs'] and len(calls) == 4
+
+
+@needs_fashion_mnist
+def test_demo_prints_the_three_speedups_and_the_step_costs(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert demo.main(['--quick', '--limit', '2000', '--steps', '4', '--eval-every', '2',
+                      '--reference-steps', '5', '--num-workers', '0',
+                      '--data-dir', str(tmp_path / 'fm'), '--out', str(tmp_path / 'out')]) == 0
+    printed = capsys.readouterr().out
+    assert 'several GB' in printed and 'uniform sampling against learnability' in printed
+    assert '[1/2] classification f=0.8 seed 0 uniform' in printed
+    assert '[2/2] classification f=0.8 seed 0 learnability' in printed
+    verdict = next(line for line in printed.splitlines() if line.startswith('learnability ('))
+    assert 'A step cost' in verdict and 'train' in verdict and 'wait' in verdict
+    assert 'steps' in verdict and ('FLOPs' in verdict or 'did not reach' in verdict)
+    saved = json.loads((tmp_path / 'out' / 'demo_quick.json').read_text())
+    assert saved['config']['methods'] == ['learnability'] and saved['complete']
+    assert (tmp_path / 'out' / 'demo_quick.png').is_file()

@@ -1,4 +1,4 @@
-"""Fashion-MNIST with symmetric label noise, as MDS shards for the benchmarks.
+"""Data of the benchmarks: Fashion-MNIST with symmetric label noise, as MDS shards.
 
 The real data comes from Debian's ``dataset-fashion-mnist`` package (gzipped IDX
 files under ``/usr/share/datasets/fashion-mnist``); set ``JEST_STREAM_FASHION_MNIST``
@@ -12,7 +12,9 @@ to read them from another folder. :func:`prepare` turns the train split into:
 - ``root/clean``: a small split with its true labels, for training a reference model.
 
 The test split stays in memory as numpy arrays: evaluation reads it whole and does
-not need streaming.
+not need streaming. :func:`build_atomically` and :func:`write_mds` are the two steps of
+every MDS build here (the captioned pool of :mod:`benchmarks.common.captions` too), and
+:func:`open_streaming` opens a pool for a loader.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ import json
 import os
 import shutil
 import tempfile
+import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +42,7 @@ __all__ = [
     'DEFAULT_SOURCE_DIR',
     'FILES',
     'IMAGE_SHAPE',
+    'MARKER',
     'MEAN',
     'N_CLASSES',
     'POOL_COLUMNS',
@@ -45,14 +50,18 @@ __all__ = [
     'SOURCE_ENV_VAR',
     'STD',
     'batch_logits',
+    'build_atomically',
     'load_fashion_mnist',
+    'open_streaming',
     'prepare',
     'read_columns',
     'read_idx',
+    'read_marker',
     'source_dir',
     'split_clean',
     'symmetric_label_noise',
     'to_float_images',
+    'write_mds',
 ]
 
 SOURCE_ENV_VAR = 'JEST_STREAM_FASHION_MNIST'
@@ -332,23 +341,67 @@ def _fingerprint(folder: Path) -> dict[str, Any]:
     return {'folder': str(folder.resolve()), 'files': files}
 
 
-def _read_marker(root: Path) -> dict[str, Any] | None:
+def read_marker(root: Path) -> dict[str, Any] | None:
+    """The ``prepared.json`` a finished build left in ``root``; None if there is none."""
     try:
         return json.loads((root / MARKER).read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return None
 
 
-def _write_mds(directory: Path, columns: dict[str, str], rows: dict[str, np.ndarray], *,
-               size_limit: int, desc: str, progress: bool) -> None:
+def write_mds(directory: Path, columns: dict[str, str], rows: dict[str, np.ndarray], *,
+              size_limit: int, desc: str, progress: bool) -> None:
+    """Write aligned numpy columns as an uncompressed MDS dataset.
+
+    Args:
+        directory (Path): The new dataset's folder.
+        columns (dict[str, str]): MDS column encodings, e.g. ``{'label': 'int'}``.
+        rows (dict[str, np.ndarray]): One array per column, samples on the first axis;
+            1-D arrays are written as Python ints.
+        size_limit (int): Bytes per shard.
+        desc (str): Label of the progress bar.
+        progress (bool): Show the progress bar.
+    """
     from streaming import MDSWriter  # streaming takes seconds to import; only writing needs it
 
     n = len(next(iter(rows.values())))
     with MDSWriter(out=str(directory), columns=columns, size_limit=size_limit,
                    compression=None) as writer:
-        for i in tqdm(range(n), desc=desc, unit='img', disable=not progress, mininterval=0.5):
+        for i in tqdm(range(n), desc=desc, unit='sample', disable=not progress, mininterval=0.5):
             writer.write({name: values[i] if values.ndim > 1 else int(values[i])
                           for name, values in rows.items()})
+
+
+def build_atomically(root: Path, build: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
+    """Build a folder in a temporary sibling, write its marker, and rename it into place.
+
+    An interrupted build never looks complete, and a finished one replaces an older
+    ``root`` in one rename.
+
+    Args:
+        root (Path): The folder to (re)build.
+        build (Callable): ``build(folder) -> marker``: writes everything into ``folder``
+            and returns what ``prepared.json`` records.
+
+    Returns:
+        dict: The marker.
+    """
+    root.parent.mkdir(parents=True, exist_ok=True)
+    # mkdir (unlike mkdtemp) honours the umask, so the renamed folder gets normal permissions.
+    building = root.parent / f'.{root.name}.building-{os.getpid()}-{uuid.uuid4().hex[:8]}'
+    building.mkdir()
+    try:
+        marker = build(building)
+        (building / MARKER).write_text(json.dumps(marker, indent=2) + '\n')
+        if root.exists():
+            stale = Path(tempfile.mkdtemp(prefix=f'.{root.name}.stale-', dir=root.parent))
+            root.rename(stale / root.name)
+            shutil.rmtree(stale)
+        building.rename(root)
+    except BaseException:
+        shutil.rmtree(building, ignore_errors=True)
+        raise
+    return marker
 
 
 def prepare(root: str | Path, *, noise_rate: float = 0.4, clean_fraction: float = 0.05,
@@ -387,7 +440,7 @@ def prepare(root: str | Path, *, noise_rate: float = 0.4, clean_fraction: float 
         'source': _fingerprint(folder),
     }
     test_images, test_labels = load_fashion_mnist('test', directory=folder)
-    marker = _read_marker(root)
+    marker = read_marker(root)
     built = all((root / name / 'index.json').is_file() for name in ('pool', 'clean'))
     if marker is None or marker.get('params') != params or not built:
         if marker is None and root.exists() and any(root.iterdir()):
@@ -410,46 +463,35 @@ def _build(root: Path, params: dict[str, Any], folder: Path, *, progress: bool) 
                               seed=np.random.SeedSequence([seed, _SPLIT_STREAM]))
     noisy, corrupted = symmetric_label_noise(
         labels[pool], params['noise_rate'], seed=np.random.SeedSequence([seed, _NOISE_STREAM]))
-    marker = {
-        'params': params,
-        'counts': {'pool': int(pool.size), 'clean': int(clean.size),
-                   'corrupted': int(corrupted.sum())},
-    }
-    root.parent.mkdir(parents=True, exist_ok=True)
-    # mkdir (unlike mkdtemp) honours the umask, so the renamed folder gets normal permissions.
-    building = root.parent / f'.{root.name}.building-{os.getpid()}-{uuid.uuid4().hex[:8]}'
-    building.mkdir()
-    try:
-        _write_mds(building / 'pool', POOL_COLUMNS, {
+
+    def write(building: Path) -> dict[str, Any]:
+        write_mds(building / 'pool', POOL_COLUMNS, {
             'image': images[pool], 'label': noisy, 'clean_label': labels[pool],
             'corrupted': corrupted.astype(np.int64), 'train_index': pool,
         }, size_limit=params['size_limit'], desc='pool', progress=progress)
-        _write_mds(building / 'clean', CLEAN_COLUMNS, {
+        write_mds(building / 'clean', CLEAN_COLUMNS, {
             'image': images[clean], 'label': labels[clean], 'train_index': clean,
         }, size_limit=params['size_limit'], desc='clean', progress=progress)
-        (building / MARKER).write_text(json.dumps(marker, indent=2) + '\n')
-        if root.exists():
-            # Only a build of ours with other parameters gets here (see prepare()).
-            stale = Path(tempfile.mkdtemp(prefix=f'.{root.name}.stale-', dir=root.parent))
-            root.rename(stale / root.name)
-            shutil.rmtree(stale)
-        building.rename(root)
-    except BaseException:
-        shutil.rmtree(building, ignore_errors=True)
-        raise
-    return marker
+        return {'params': params,
+                'counts': {'pool': int(pool.size), 'clean': int(clean.size),
+                           'corrupted': int(corrupted.sum())}}
+
+    return build_atomically(root, write)
 
 
-def read_columns(directory: str | Path, columns: list[str] | None = None
-                 ) -> dict[str, np.ndarray]:
-    """Every sample of a local MDS dataset as stacked numpy columns, in stored order.
+def read_columns(directory: str | Path, columns: list[str] | None = None, *,
+                 limit: int | None = None) -> dict[str, np.ndarray]:
+    """Samples of a local MDS dataset as stacked numpy columns, in stored order.
 
-    Meant for small splits (the clean split) that a plain training loop reads whole;
-    it needs no shared memory, unlike a ``StreamingDataset``.
+    Stored order is global sample-id order for a dataset of one stream, so row ``i`` is
+    the sample a ``StreamingDataset`` over the same folder calls id ``i``. Meant for small
+    splits (the clean split) and probes that a plain loop reads whole; it needs no shared
+    memory, unlike a ``StreamingDataset``.
 
     Args:
         directory (str | Path): Folder holding ``index.json`` and the shards.
         columns (list[str], optional): Columns to read; all by default.
+        limit (int, optional): Read only the first ``limit`` samples.
 
     Returns:
         dict[str, np.ndarray]: Column name to an array with the samples on the first axis.
@@ -457,7 +499,8 @@ def read_columns(directory: str | Path, columns: list[str] | None = None
     from streaming import LocalDataset
 
     dataset = LocalDataset(str(directory))
-    samples = [dataset[i] for i in range(len(dataset))]
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    samples = [dataset[i] for i in range(n)]
     if not samples:
         raise ValueError(f'the MDS dataset in {directory} is empty')
     names = list(samples[0]) if columns is None else columns
@@ -466,3 +509,26 @@ def read_columns(directory: str | Path, columns: list[str] | None = None
         raise KeyError(f'{directory} has no columns {missing}; it has {sorted(samples[0])}')
     return {name: np.stack([np.asarray(s[name]) for s in samples]) for name in names}
 
+
+def open_streaming(make: Callable[[], Any], attempts: int = 5) -> Any:
+    """``make()`` (a ``StreamingDataset`` constructor call), retried on a shared-memory race.
+
+    Streaming picks a free shared-memory prefix, then creates it: another process that
+    starts a dataset between the two steps makes the creation fail with
+    ``FileExistsError``. Picking again a moment later succeeds.
+
+    Args:
+        make (Callable): Builds the dataset.
+        attempts (int): Tries before the error is raised.
+
+    Returns:
+        The dataset.
+    """
+    for attempt in range(attempts):
+        try:
+            return make()
+        except FileExistsError:
+            if attempt + 1 == attempts:
+                raise
+            time.sleep(0.2 * (attempt + 1))
+    raise AssertionError('unreachable')
