@@ -8,7 +8,18 @@ reference, and hands the most learnable sub-batch to the trainer.
 from jest_stream.annotate import annotate
 from jest_stream.batch import collate_samples, gather
 from jest_stream.cache import CacheError, ReferenceCache, dataset_fingerprint, model_checksum
+from jest_stream.config import ProcessSettings, SelectionConfig, super_batch_size_for
 from jest_stream.criteria import CRITERIA, Criterion, get_criterion
+from jest_stream.errors import (
+    DataError,
+    JestStreamError,
+    MissingColumnError,
+    ScoreError,
+    SettingError,
+    SettingTypeError,
+    StateError,
+    UsageError,
+)
 from jest_stream.flexi import (
     FlexiForward,
     FlexiPatchEmbed,
@@ -25,24 +36,25 @@ from jest_stream.losses import (
     per_example_cross_entropy,
     sigmoid_pair_losses,
 )
-from jest_stream.reference import ColumnReference, ReferenceTable, freeze
-from jest_stream.scorer_process import ScorerProcessError
+from jest_stream.process import ScorerProcessError
 from jest_stream.scores import (
-    SELECTION_METHODS,
-    BatchScores,
     Embeddings,
     PerExampleScores,
     SigmoidPairScores,
     SoftmaxScores,
-    get_selection_method,
 )
 from jest_stream.scoring import (
     ClassificationScorer,
+    ColumnReference,
     ContrastiveScorer,
-    ScoreError,
+    ReferenceTable,
     Scorer,
+    freeze,
 )
 from jest_stream.selection import (
+    SELECTION_METHODS,
+    BatchScores,
+    get_selection_method,
     joint_select,
     joint_select_incremental,
     joint_select_softmax,
@@ -50,6 +62,7 @@ from jest_stream.selection import (
     topk_select,
     uniform_select,
 )
+from jest_stream.step import SelectionStep
 
 __version__ = '0.1.0'
 
@@ -57,7 +70,6 @@ __version__ = '0.1.0'
 # so that a scorer process (which never reads a dataset) starts quickly.
 _LAZY = {
     'SelectiveLoader': 'jest_stream.loader',
-    'super_batch_size_for': 'jest_stream.loader',
     'SampleIdStreamingDataset': 'jest_stream.source',
     'ID_KEY': 'jest_stream.source',
 }
@@ -71,6 +83,16 @@ def __getattr__(name: str):
     raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
 
 __all__ = [
+    'DataError',
+    'JestStreamError',
+    'MissingColumnError',
+    'ProcessSettings',
+    'SelectionConfig',
+    'SelectionStep',
+    'SettingError',
+    'SettingTypeError',
+    'StateError',
+    'UsageError',
     'model_checksum',
     'dataset_fingerprint',
     'annotate',

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
+from jest_stream.errors import SettingError
+
 __all__ = ['Criterion', 'CRITERIA', 'get_criterion']
 
 
@@ -51,11 +53,11 @@ class Criterion:
             Tensor: The scores, same shape as the inputs.
         """
         if not self.scores:
-            raise ValueError('the uniform criterion has no scores')
+            raise SettingError('the uniform criterion has no scores')
         if self.needs_learner and learner is None:
-            raise ValueError(f'criterion {self.name!r} needs the learner losses')
+            raise SettingError(f'criterion {self.name!r} needs the learner losses')
         if self.needs_reference and reference is None:
-            raise ValueError(f'criterion {self.name!r} needs the reference losses')
+            raise SettingError(f'criterion {self.name!r} needs the reference losses')
         if not self.needs_reference:
             return learner * self.learner_weight
         if not self.needs_learner:
@@ -87,6 +89,6 @@ def get_criterion(name: str | Criterion) -> Criterion:
     """
     if isinstance(name, Criterion):
         return name
-    if name not in CRITERIA:
-        raise ValueError(f'criterion={name!r} is not known; choose one of {sorted(CRITERIA)}')
+    if not isinstance(name, str) or name not in CRITERIA:
+        raise SettingError(f'criterion={name!r} is not known; choose one of {sorted(CRITERIA)}')
     return CRITERIA[name]

@@ -13,7 +13,6 @@ examples, gathered from the ranks that hold them.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,16 +20,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from jest_stream.batch import Batch, batch_length, gather
-from jest_stream.pipeline import SelectionConfig
-from jest_stream.randomness import SELECTION, derive_generator
-from jest_stream.scores import BatchScores, select
-from jest_stream.scoring import as_batch_scores
+from jest_stream.batch import Batch, gather, map_columns
+from jest_stream.errors import DataError
+from jest_stream.selection import BatchScores
 
-__all__ = ['SELECTION_SCOPES', 'CommStats', 'all_gather_rows', 'global_score_and_select',
-           'exchange_rows', 'rank_and_world']
-
-SELECTION_SCOPES = ('rank', 'global')
+__all__ = ['CommStats', 'GlobalScope', 'all_gather_rows', 'exchange_rows', 'rank_and_world']
 
 
 @dataclass
@@ -69,7 +63,8 @@ def all_gather_rows(tensor: Tensor, stats: CommStats) -> Tensor:
         return tensor
     start = time.perf_counter()
     device = _device_for_collectives(tensor)
-    local = tensor.to(device).contiguous()
+    # Not every backend gathers bools (gloo does not): they travel as bytes.
+    local = tensor.to(device, torch.uint8 if tensor.dtype == torch.bool else None).contiguous()
     sizes = torch.tensor([local.shape[0]], device=device)
     all_sizes = [torch.zeros_like(sizes) for _ in range(world)]
     dist.all_gather(all_sizes, sizes)
@@ -81,7 +76,8 @@ def all_gather_rows(tensor: Tensor, stats: CommStats) -> Tensor:
     dist.all_gather(parts, padded)
     stats.bytes += padded.numel() * padded.element_size() * world
     stats.seconds += time.perf_counter() - start
-    return torch.cat([part[:n] for part, n in zip(parts, counts, strict=True)]).to(tensor.device)
+    gathered = torch.cat([part[:n] for part, n in zip(parts, counts, strict=True)])
+    return gathered.to(tensor.device, tensor.dtype)
 
 
 def _gather_objects(values: list[Any], stats: CommStats) -> list[Any]:
@@ -104,73 +100,57 @@ def exchange_rows(batch: Batch, rows: Tensor, stats: CommStats) -> Batch:
     Returns:
         Batch: The same structure holding ``sum of k_r`` rows.
     """
-    if isinstance(batch, Tensor):
-        return all_gather_rows(batch.index_select(0, rows.to(batch.device)), stats)
-    if isinstance(batch, Mapping):
-        return {key: exchange_rows(value, rows, stats) for key, value in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        if batch and not isinstance(batch[0], (Tensor, Mapping, tuple, list)):
-            return _gather_objects([batch[i] for i in rows.tolist()], stats)
-        return type(batch)(exchange_rows(value, rows, stats) for value in batch)
-    raise TypeError(f'cannot exchange a batch of type {type(batch).__name__}')
+    def exchange(column: Any) -> Any:
+        if isinstance(column, Tensor):
+            return all_gather_rows(column.index_select(0, rows.to(column.device)), stats)
+        if isinstance(column, (list, tuple)):
+            return _gather_objects([column[i] for i in rows.tolist()], stats)
+        raise DataError(f'cannot exchange a batch column of type {type(column).__name__} '
+                        f'between ranks; columns must be tensors or lists')
+
+    return map_columns(exchange, batch)
 
 
-def _gather_scores(scores: BatchScores, stats: CommStats) -> BatchScores:
-    if not hasattr(scores, 'map_rows'):
-        raise TypeError(
-            f'selection_scope="global" all-gathers the scores, but {type(scores).__name__} has '
-            f'no map_rows(fn); return per-example scores or the built-in pair scores, or use '
-            f'selection_scope="rank"')
-    return scores.map_rows(lambda rows: all_gather_rows(rows, stats))
+class GlobalScope:
+    """Selection over the global super-batch of every rank (``selection_scope='global'``).
 
-
-def global_score_and_select(config: SelectionConfig, scorer, batch: Batch, sample_ids: Tensor,
-                            epoch: int, index: int, stats: CommStats
-                            ) -> tuple[Batch, Tensor, Tensor | None, float, float]:
-    """Select ``world_size x b`` examples from the global super-batch; return this rank's share.
-
-    Every rank must call this for the same ``(epoch, index)``.
-
-    Args:
-        config (SelectionConfig): Criterion, method and sizes (``batch_size`` per rank).
-        scorer (Scorer | None): Scores this rank's super-batch.
-        batch (Batch): This rank's super-batch, on the scoring device.
-        sample_ids (LongTensor[B]): Its global sample ids.
-        epoch (int): Epoch of the super-batch.
-        index (int): Its position in the epoch.
-        stats (CommStats): Bytes and seconds of communication are added here.
-
-    Returns:
-        tuple: This rank's sub-batch of ``b`` rows; the indices of all ``world_size x b``
-        selected candidates in the canonical order (``LongTensor``); the self-scores of the
-        global candidates in that order (or None); the seconds spent scoring and selecting.
+    Every rank must run the step for the same ``(epoch, index)``: the scores (or
+    embeddings) are all-gathered and put in a canonical order (sorted by sample id), every
+    rank selects the same ``world_size x b`` candidates, and rank ``r`` trains the ``r``-th
+    ``b`` of them, whose rows it gets from the ranks that hold them.
     """
-    rank, world = rank_and_world()
-    n = batch_length(batch)
-    start = time.perf_counter()
-    scores = None
-    if config.criterion.scores:
-        scores = as_batch_scores(scorer(batch, sample_ids, config.criterion), n, sample_ids)
-    score_s = time.perf_counter() - start
-    start = time.perf_counter()
-    all_ids = all_gather_rows(sample_ids.cpu(), stats)
-    order = torch.argsort(all_ids)
-    canonical_ids = all_ids[order]
-    if scores is not None:
-        scores = _gather_scores(scores, stats).map_rows(lambda rows: rows[order.to(rows.device)])
-    selected = select(scores, len(canonical_ids), config.batch_size * world,
-                      method=config.method, n_chunks=config.n_chunks,
-                      temperature=config.temperature,
-                      generator=derive_generator(config.seed, SELECTION, epoch, index))
-    share = canonical_ids[selected[rank * config.batch_size:(rank + 1) * config.batch_size]]
-    # Each rank sends the rows of its super-batch that any rank selected.
-    chosen = set(canonical_ids[selected].tolist())
-    mine = torch.tensor([i for i, s in enumerate(sample_ids.tolist()) if s in chosen],
-                        dtype=torch.long)
-    pooled = exchange_rows(batch, mine, stats)
-    pooled_ids = all_gather_rows(sample_ids.cpu()[mine], stats)
-    position = {int(s): i for i, s in enumerate(pooled_ids.tolist())}
-    sub = gather(pooled, torch.tensor([position[int(s)] for s in share.tolist()]))
-    self_scores = None if scores is None else scores.self_scores().detach().float().cpu()
-    select_s = time.perf_counter() - start
-    return sub, selected, self_scores, score_s, select_s
+
+    def __init__(self) -> None:
+        self.comm = CommStats()
+        self._last = CommStats()
+        self._canonical_ids: Tensor | None = None
+
+    def candidates(self, scores: BatchScores | None, sample_ids: Tensor, batch_size: int
+                   ) -> tuple[BatchScores | None, int, int]:
+        self._last = CommStats(self.comm.bytes, self.comm.seconds)
+        _, world = rank_and_world()
+        all_ids = all_gather_rows(sample_ids.cpu(), self.comm)
+        order = torch.argsort(all_ids)
+        self._canonical_ids = all_ids[order]
+        if scores is not None:
+            scores = scores.map_rows(lambda rows: all_gather_rows(rows, self.comm)) \
+                .map_rows(lambda rows: rows[order.to(rows.device)])
+        return scores, len(self._canonical_ids), batch_size * world
+
+    def rows(self, batch: Batch, sample_ids: Tensor, selected: Tensor, batch_size: int
+             ) -> Batch:
+        rank, _ = rank_and_world()
+        canonical = self._canonical_ids
+        share = canonical[selected[rank * batch_size:(rank + 1) * batch_size]]
+        # Each rank sends the rows of its super-batch that any rank selected.
+        chosen = set(canonical[selected].tolist())
+        mine = torch.tensor([i for i, s in enumerate(sample_ids.tolist()) if s in chosen],
+                            dtype=torch.long)
+        pooled = exchange_rows(batch, mine, self.comm)
+        pooled_ids = all_gather_rows(sample_ids.cpu()[mine], self.comm)
+        position = {int(s): i for i, s in enumerate(pooled_ids.tolist())}
+        return gather(pooled, torch.tensor([position[int(s)] for s in share.tolist()]))
+
+    def stats(self) -> dict[str, float]:
+        return {'comm_bytes': self.comm.bytes - self._last.bytes,
+                'comm_s': self.comm.seconds - self._last.seconds}

@@ -23,7 +23,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from jest_stream.batch import Batch, batch_length
 from jest_stream.criteria import Criterion, get_criterion
-from jest_stream.scoring import scoring_mode
+from jest_stream.errors import SettingError
+from jest_stream.scoring.base import scoring_mode
 
 __all__ = ['count_flops', 'forward_flops', 'score_flops', 'train_step_flops']
 
@@ -85,7 +86,7 @@ def train_step_flops(model: nn.Module, batch: Batch,
         with FlopCounterMode(display=False) as counter:
             loss = loss_fn(model, batch)
             if not isinstance(loss, Tensor) or loss.dim() != 0:
-                raise ValueError(f'loss_fn must return a scalar Tensor, got '
+                raise SettingError(f'loss_fn must return a scalar Tensor, got '
                                  f'{getattr(loss, "shape", type(loss).__name__)}')
             loss.backward()
         return int(counter.get_total_flops())

@@ -3,26 +3,25 @@
 A scorer returns :class:`BatchScores` for one super-batch of ``B`` candidates:
 per-example scores (classification, language modelling), pair scores of the
 sigmoid loss, or the conditional scores of the softmax loss. The selection
-methods (``joint``, ``topk``, ``sample``, ``uniform``) take any of them.
+methods of :mod:`jest_stream.selection` (``joint``, ``topk``, ``sample``, ``uniform``)
+take any of them through the :class:`~jest_stream.selection.BatchScores` protocol.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
 from jest_stream.criteria import Criterion
+from jest_stream.errors import SettingError
 from jest_stream.losses import InfoNCEConditional, sigmoid_pair_losses
 from jest_stream.selection import (
+    BatchScores,
     CombinedConditional,
     joint_select_incremental,
     joint_select_softmax,
-    sample_select,
-    topk_select,
-    uniform_select,
 )
 
 __all__ = [
@@ -31,32 +30,7 @@ __all__ = [
     'SigmoidPairScores',
     'SoftmaxScores',
     'Embeddings',
-    'SELECTION_METHODS',
-    'get_selection_method',
-    'select',
 ]
-
-
-@runtime_checkable
-class BatchScores(Protocol):
-    """Scores of one super-batch, in whatever form the loss allows.
-
-    ``self_scores`` is each candidate's own score (the diagonal for pair scores), used for
-    statistics; ``per_example`` is its score for independent selection; ``select_jointly``
-    runs the blocked joint sampler.
-    """
-
-    size: int
-
-    def self_scores(self) -> Tensor:
-        ...
-
-    def per_example(self) -> Tensor:
-        ...
-
-    def select_jointly(self, n_select: int, *, n_chunks: int, temperature: float,
-                       generator: torch.Generator) -> Tensor:
-        ...
 
 
 class PerExampleScores:
@@ -64,11 +38,23 @@ class PerExampleScores:
 
     Joint selection has no pair terms to condition on here, so it is blocked
     sampling from the softmax of the scores, the same distribution as ``sample``.
+
+    Args:
+        scores (Tensor[B]): The combined score of every candidate.
+        excluded (BoolTensor[B], optional): Candidates whose loss means nothing (every
+            target ignored by the loss, say): the selection step never prefers them; they
+            are chosen only when fewer than ``b`` others remain, and then uniformly.
+        learner (Tensor[B], optional): The learner's per-example loss, for logs.
+        reference (Tensor[B], optional): The reference's per-example loss, for logs.
     """
 
-    def __init__(self, scores: Tensor) -> None:
+    def __init__(self, scores: Tensor, *, excluded: Tensor | None = None,
+                 learner: Tensor | None = None, reference: Tensor | None = None) -> None:
         self.scores = scores
         self.size = int(scores.shape[0])
+        self.excluded = excluded
+        self.learner = learner
+        self.reference = reference
 
     def self_scores(self) -> Tensor:
         return self.scores
@@ -77,8 +63,12 @@ class PerExampleScores:
         return self.scores
 
     def map_rows(self, fn: Callable[[Tensor], Tensor]) -> PerExampleScores:
-        """The same scores with ``fn`` applied to the per-candidate tensor (reorder, gather)."""
-        return PerExampleScores(fn(self.scores))
+        """The same scores with ``fn`` applied to every per-candidate tensor (reorder, gather)."""
+        def apply(tensor: Tensor | None) -> Tensor | None:
+            return None if tensor is None else fn(tensor)
+
+        return PerExampleScores(fn(self.scores), excluded=apply(self.excluded),
+                                learner=apply(self.learner), reference=apply(self.reference))
 
     # PairScores view of a diagonal matrix, so the joint sampler runs unchanged.
     def diagonal(self) -> Tensor:
@@ -127,6 +117,16 @@ def _map(embeddings: Embeddings | None, fn: Callable[[Tensor], Tensor]) -> Embed
     return None if embeddings is None else embeddings.map_rows(fn)
 
 
+def _weighted_terms(learner: Embeddings | None, reference: Embeddings | None,
+                    criterion: Criterion) -> list[tuple[float, Embeddings]]:
+    """``(weight, embeddings)`` of the models the criterion weighs (learner, reference)."""
+    terms = [(w, e) for w, e in ((criterion.learner_weight, learner),
+                                 (criterion.reference_weight, reference)) if w != 0.0]
+    if any(e is None for _, e in terms):
+        raise SettingError(f'criterion {criterion.name!r} needs embeddings it was not given')
+    return terms
+
+
 class SigmoidPairScores:
     """Pair scores ``A = w_l * l(learner) + w_r * l(reference)`` of the sigmoid loss.
 
@@ -142,10 +142,7 @@ class SigmoidPairScores:
 
     def __init__(self, learner: Embeddings | None, reference: Embeddings | None,
                  criterion: Criterion, *, block_size: int = 1024) -> None:
-        self.terms = [(criterion.learner_weight, learner), (criterion.reference_weight, reference)]
-        self.terms = [(w, e) for w, e in self.terms if w != 0.0]
-        if any(e is None for _, e in self.terms):
-            raise ValueError(f'criterion {criterion.name!r} needs embeddings it was not given')
+        self.terms = _weighted_terms(learner, reference, criterion)
         self.size = int(self.terms[0][1].image.shape[0])
         self.block_size = block_size
         self.learner, self.reference, self.criterion = learner, reference, criterion
@@ -208,10 +205,7 @@ class SoftmaxScores:
 
     def __init__(self, learner: Embeddings | None, reference: Embeddings | None,
                  criterion: Criterion) -> None:
-        self.terms = [(criterion.learner_weight, learner), (criterion.reference_weight, reference)]
-        self.terms = [(w, e) for w, e in self.terms if w != 0.0]
-        if any(e is None for _, e in self.terms):
-            raise ValueError(f'criterion {criterion.name!r} needs embeddings it was not given')
+        self.terms = _weighted_terms(learner, reference, criterion)
         self.size = int(self.terms[0][1].image.shape[0])
         self.learner, self.reference, self.criterion = learner, reference, criterion
 
@@ -237,60 +231,3 @@ class SoftmaxScores:
                        generator: torch.Generator) -> Tensor:
         return joint_select_softmax(self._conditional(), n_select, n_chunks=n_chunks,
                                     temperature=temperature, generator=generator)
-
-
-def _joint(scores: BatchScores | None, n_candidates: int, n_select: int, *, n_chunks: int,
-           temperature: float, generator: torch.Generator) -> Tensor:
-    return scores.select_jointly(n_select, n_chunks=n_chunks, temperature=temperature,
-                                 generator=generator)
-
-
-def _topk(scores: BatchScores | None, n_candidates: int, n_select: int, *, n_chunks: int,
-          temperature: float, generator: torch.Generator) -> Tensor:
-    return topk_select(scores.per_example(), n_select)
-
-
-def _sample(scores: BatchScores | None, n_candidates: int, n_select: int, *, n_chunks: int,
-            temperature: float, generator: torch.Generator) -> Tensor:
-    return sample_select(scores.per_example(), n_select, temperature=temperature,
-                         generator=generator)
-
-
-def _uniform(scores: BatchScores | None, n_candidates: int, n_select: int, *, n_chunks: int,
-             temperature: float, generator: torch.Generator) -> Tensor:
-    return uniform_select(n_candidates, n_select, generator=generator)
-
-
-SelectionMethod = Callable[..., Tensor]
-
-SELECTION_METHODS: dict[str, SelectionMethod] = {
-    'joint': _joint,
-    'topk': _topk,
-    'sample': _sample,
-    'uniform': _uniform,
-}
-
-
-def get_selection_method(name: str) -> SelectionMethod:
-    """Look up a selection method by name.
-
-    Args:
-        name (str): ``joint`` (blocked joint sampling over pair scores), ``topk`` (greedy
-            independent), ``sample`` (independent sampling from the softmax of the
-            scores) or ``uniform`` (no scores).
-
-    Returns:
-        Callable: ``fn(scores, n_candidates, n_select, *, n_chunks, temperature, generator)``.
-    """
-    if name not in SELECTION_METHODS:
-        raise ValueError(f'method={name!r} is not known; choose one of {sorted(SELECTION_METHODS)}')
-    return SELECTION_METHODS[name]
-
-
-def select(scores: BatchScores | None, n_candidates: int, n_select: int, *, method: str,
-           n_chunks: int, temperature: float, generator: torch.Generator) -> Tensor:
-    """Indices of the ``n_select`` candidates to keep, ``LongTensor[n_select]`` on the CPU."""
-    indices = get_selection_method(method)(
-        scores, n_candidates, n_select, n_chunks=n_chunks, temperature=temperature,
-        generator=generator)
-    return indices.cpu()

@@ -25,26 +25,32 @@ Independent selection (:func:`topk_select`, :func:`sample_select`,
 
 from __future__ import annotations
 
-import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
+from jest_stream.checks import check_int, check_number
+from jest_stream.errors import ScoreError, SettingError, SettingTypeError
+
 __all__ = [
+    'BatchScores',
     'CombinedConditional',
     'ConditionalScores',
     'MatrixPairScores',
     'PairScores',
+    'SELECTION_METHODS',
     'chunk_sizes',
+    'get_selection_method',
     'gumbel_noise',
     'gumbel_topk',
     'joint_select',
     'joint_select_incremental',
     'joint_select_softmax',
     'sample_select',
+    'select',
     'topk_select',
     'uniform_select',
 ]
@@ -126,10 +132,10 @@ class CombinedConditional:
 
     def __init__(self, terms: Sequence[tuple[float, ConditionalScores]]) -> None:
         if not terms:
-            raise ValueError('terms must hold at least one (weight, scores) pair')
+            raise SettingError('terms must hold at least one (weight, scores) pair')
         sizes = {scores.size for _, scores in terms}
         if len(sizes) != 1:
-            raise ValueError(f'all terms must score the same candidates, got sizes {sorted(sizes)}')
+            raise ScoreError(f'all terms must score the same candidates, got sizes {sorted(sizes)}')
         self.terms = list(terms)
         self.size = sizes.pop()
 
@@ -162,32 +168,26 @@ class _IncrementalPairConditional:
 
 
 def _check_positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f'{name} must be a positive int, got {value!r}')
-    return value
+    return check_int(value, name, low=1)
 
 
 def _check_n_select(n_select: Any, n_candidates: int) -> int:
     _check_positive_int(n_select, 'n_select')
     if n_select > n_candidates:
-        raise ValueError(f'n_select={n_select} exceeds the {n_candidates} candidates; '
-                         f'select at most {n_candidates}')
+        raise SettingError(f'n_select={n_select} exceeds the {n_candidates} candidates; '
+                           f'select at most {n_candidates}')
     return n_select
 
 
 def _check_temperature(temperature: Any) -> float:
-    value = float(temperature)
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f'temperature must be a finite number >= 0 (0 is greedy), '
-                         f'got {temperature!r}')
-    return value
+    return check_number(temperature, 'temperature', low=0.0, hint='0 is greedy')
 
 
 def _check_finite(scores: Tensor, name: str = 'scores') -> None:
     bad = ~torch.isfinite(scores)
     if bad.any():
         n_nan = int(torch.isnan(scores).sum())
-        raise ValueError(
+        raise ScoreError(
             f'{name} has {int(bad.sum())} non-finite entries ({n_nan} NaN); selection needs '
             f'finite scores. A NaN score is never selected, so it would silently drop its '
             f'candidate: check the scorer for a diverged model or an overflowing loss.')
@@ -195,12 +195,12 @@ def _check_finite(scores: Tensor, name: str = 'scores') -> None:
 
 def _check_square(scores: Tensor) -> None:
     if scores.ndim != 2 or scores.shape[0] != scores.shape[1]:
-        raise ValueError(f'scores must be a square Tensor[B, B], got shape {tuple(scores.shape)}')
+        raise ScoreError(f'scores must be a square Tensor[B, B], got shape {tuple(scores.shape)}')
 
 
 def _check_vector(scores: Tensor) -> None:
     if scores.ndim != 1:
-        raise ValueError(f'scores must be a Tensor[B] of per-example scores, got shape '
+        raise ScoreError(f'scores must be a Tensor[B] of per-example scores, got shape '
                          f'{tuple(scores.shape)}')
 
 
@@ -212,7 +212,7 @@ def _private_generator(generator: torch.Generator | None) -> torch.Generator:
         # Fresh entropy rather than torch's global generator, which the caller may rely on.
         return torch.Generator().manual_seed(int.from_bytes(os.urandom(8), 'little') >> 1)
     if generator.device.type != 'cpu':
-        raise ValueError(f'generator must be a CPU torch.Generator (noise is drawn on the CPU '
+        raise SettingError(f'generator must be a CPU torch.Generator (noise is drawn on the CPU '
                          f'so that every device selects the same), got one on {generator.device}')
     return generator
 
@@ -281,12 +281,12 @@ def gumbel_topk(logits: Tensor, k: int, *, temperature: float,
     _check_positive_int(k, 'k')
     temperature = _check_temperature(temperature)
     if logits.ndim != 1:
-        raise ValueError(f'logits must be a Tensor[B], got shape {tuple(logits.shape)}')
+        raise ScoreError(f'logits must be a Tensor[B], got shape {tuple(logits.shape)}')
     if torch.isnan(logits).any() or (logits == torch.inf).any():
-        raise ValueError('logits contain NaN or +inf; only -inf (never chosen) is allowed')
+        raise ScoreError('logits contain NaN or +inf; only -inf (never chosen) is allowed')
     n_finite = int(torch.isfinite(logits).sum())
     if n_finite < k:
-        raise ValueError(f'cannot draw k={k} from {n_finite} candidates with finite logits')
+        raise ScoreError(f'cannot draw k={k} from {n_finite} candidates with finite logits')
     dtype = torch.promote_types(logits.dtype, torch.float32)
     noise = gumbel_noise(logits.shape[0], generator=generator, dtype=dtype,
                          device=logits.device)
@@ -381,8 +381,8 @@ def joint_select_incremental(pair_scores: PairScores, n_select: int, *, n_chunks
         ``O(B c)`` for chunks of size ``c``.
     """
     if not isinstance(pair_scores, PairScores):
-        raise TypeError(f'pair_scores must implement PairScores (size, diagonal, columns, rows, '
-                        f'materialise), got {type(pair_scores).__name__}')
+        raise SettingTypeError(f'pair_scores must implement PairScores (size, diagonal, '
+                               f'columns, rows, materialise), got {type(pair_scores).__name__}')
     return _blocked_select(_IncrementalPairConditional(pair_scores), n_select,
                            n_chunks=n_chunks, temperature=temperature, generator=generator)
 
@@ -410,8 +410,8 @@ def joint_select_softmax(conditional: ConditionalScores, n_select: int, *, n_chu
         LongTensor[n_select]: Distinct indices into ``B``, in selection order.
     """
     if not isinstance(conditional, ConditionalScores):
-        raise TypeError(f'conditional must implement ConditionalScores (size, current, add), '
-                        f'got {type(conditional).__name__}')
+        raise SettingTypeError(f'conditional must implement ConditionalScores (size, current, '
+                               f'add), got {type(conditional).__name__}')
     return _blocked_select(conditional, n_select, n_chunks=n_chunks, temperature=temperature,
                            generator=generator)
 
@@ -474,3 +474,105 @@ def uniform_select(n_candidates: int, n_select: int, *,
     n_select = _check_n_select(n_select, n_candidates)
     generator = _private_generator(generator)
     return torch.randperm(n_candidates, generator=generator)[:n_select]
+
+
+# The registry of selection methods -----------------------------------------------------
+
+
+@runtime_checkable
+class BatchScores(Protocol):
+    """Scores of one super-batch of ``size`` candidates, in whatever form the loss allows.
+
+    :mod:`jest_stream.scores` has the built-in forms: per-example scores, pair scores of the
+    sigmoid loss, conditional scores of the softmax loss.
+    """
+
+    size: int
+
+    def self_scores(self) -> Tensor:
+        """Tensor[B]: each candidate's own score (the diagonal for pair scores); statistics."""
+
+    def per_example(self) -> Tensor:
+        """Tensor[B]: each candidate's score for independent selection."""
+
+    def select_jointly(self, n_select: int, *, n_chunks: int, temperature: float,
+                       generator: torch.Generator) -> Tensor:
+        """LongTensor[n_select]: blocked joint sampling over these scores."""
+
+    def map_rows(self, fn: Callable[[Tensor], Tensor]) -> BatchScores:
+        """The same scores over candidates rearranged by ``fn`` (a reorder, a gather, an
+        all-gather across ranks), applied to every per-candidate tensor."""
+
+
+def _joint(scores: BatchScores | None, n_candidates: int, n_select: int, *, n_chunks: int,
+           temperature: float, generator: torch.Generator) -> Tensor:
+    return scores.select_jointly(n_select, n_chunks=n_chunks, temperature=temperature,
+                                 generator=generator)
+
+
+def _topk(scores: BatchScores | None, n_candidates: int, n_select: int, *, n_chunks: int,
+          temperature: float, generator: torch.Generator) -> Tensor:
+    return topk_select(scores.per_example(), n_select)
+
+
+def _sample(scores: BatchScores | None, n_candidates: int, n_select: int, *, n_chunks: int,
+            temperature: float, generator: torch.Generator) -> Tensor:
+    return sample_select(scores.per_example(), n_select, temperature=temperature,
+                         generator=generator)
+
+
+def _uniform(scores: BatchScores | None, n_candidates: int, n_select: int, *, n_chunks: int,
+             temperature: float, generator: torch.Generator) -> Tensor:
+    return uniform_select(n_candidates, n_select, generator=generator)
+
+
+SelectionMethod = Callable[..., Tensor]
+
+SELECTION_METHODS: dict[str, SelectionMethod] = {
+    'joint': _joint,
+    'topk': _topk,
+    'sample': _sample,
+    'uniform': _uniform,
+}
+
+
+def get_selection_method(name: str) -> SelectionMethod:
+    """Look up a selection method by name.
+
+    Args:
+        name (str): ``joint`` (blocked joint sampling over pair scores), ``topk`` (greedy
+            independent), ``sample`` (independent sampling from the softmax of the
+            scores) or ``uniform`` (no scores).
+
+    Returns:
+        Callable: ``fn(scores, n_candidates, n_select, *, n_chunks, temperature, generator)``.
+
+    Raises:
+        SettingError: ``name`` is not one of them (the message lists them).
+    """
+    if not isinstance(name, str) or name not in SELECTION_METHODS:
+        raise SettingError(f'method={name!r} is not known; choose one of '
+                           f'{sorted(SELECTION_METHODS)}')
+    return SELECTION_METHODS[name]
+
+
+def select(scores: BatchScores | None, n_candidates: int, n_select: int, *, method: str,
+           n_chunks: int, temperature: float, generator: torch.Generator) -> Tensor:
+    """Indices of the ``n_select`` candidates to keep, by the method named ``method``.
+
+    Args:
+        scores (BatchScores | None): The candidates' scores; None for ``uniform``.
+        n_candidates (int): ``B``.
+        n_select (int): ``b``.
+        method (str): A name of :data:`SELECTION_METHODS`.
+        n_chunks (int): Chunks of the joint sampler.
+        temperature (float): Softmax temperature; 0 is greedy.
+        generator (torch.Generator): CPU generator of the noise.
+
+    Returns:
+        LongTensor[n_select]: Distinct indices into the candidates, on the CPU.
+    """
+    indices = get_selection_method(method)(
+        scores, n_candidates, n_select, n_chunks=n_chunks, temperature=temperature,
+        generator=generator)
+    return indices.cpu()

@@ -7,7 +7,6 @@ an epoch after a given number of super-batches.
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -17,6 +16,7 @@ from streaming import StreamingDataset
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from jest_stream.batch import Batch, collate_samples
+from jest_stream.errors import SettingError, SettingTypeError, StateError, UsageError
 from jest_stream.interrupts import interrupts_deferred
 from jest_stream.randomness import SHUFFLE, derive_generator
 
@@ -27,7 +27,6 @@ __all__ = [
     'StreamingSource',
     'MapSource',
     'make_source',
-    'sample_ids_of',
 ]
 
 ID_KEY = 'sample_id'
@@ -39,37 +38,55 @@ class SampleIdStreamingDataset(StreamingDataset):
     The id is the sample's index in the whole dataset (all streams, all shards), the key
     of the reference cache. It is added under ``sample_id``; a dataset that already
     has a column of that name is refused rather than overwritten.
+
+    Built with ``validate_hash``, it also checks shards that are already local (streaming
+    checks only what it downloads): the index must record that hash for every shard
+    (checked at construction), and each process hashes a local shard before it reads it
+    the first time. A sample that does not decode raises a
+    :class:`~jest_stream.shards.ShardError` naming the shard file, the sample and the fix.
+
+    Args:
+        **kwargs: Keyword arguments of ``StreamingDataset``.
+
+    Raises:
+        NoShardHashes: ``validate_hash`` names a hash that the index does not record.
     """
 
+    def __init__(self, **kwargs: Any) -> None:
+        from jest_stream.shards import require_hashes
+
+        super().__init__(**kwargs)
+        self._checked_shards: set[int] = set()
+        require_hashes(self)
+
     def get_item(self, sample_id: int, retry: int = 7) -> Any:
-        sample = super().get_item(sample_id, retry)
+        """The sample ``sample_id`` with its id under ``sample_id``.
+
+        Raises:
+            ShardError: Its local shard fails its hash (with ``validate_hash``), or the
+                sample does not decode.
+            DataError: The dataset already has a ``sample_id`` column.
+        """
+        from jest_stream import shards
+        from jest_stream.errors import DataError, JestStreamError
+
+        shard_id, index = (int(i) for i in self.spanner[sample_id])
+        if shard_id not in self._checked_shards:
+            shards.check_local_shard(self, shard_id)
+            self._checked_shards.add(shard_id)
+        try:
+            sample = super().get_item(sample_id, retry)
+        except (JestStreamError, RuntimeError):  # streaming's own: a download or a thread failed
+            raise
+        except Exception as error:
+            raise shards.sample_error(self, shard_id, index, sample_id, error) from error
         if ID_KEY in sample:
-            raise ValueError(
+            raise DataError(
                 f'the dataset already has a column named {ID_KEY!r}; use a plain StreamingDataset '
                 f'and pass id_key={ID_KEY!r} to the loader to use that column as the sample id')
         sample = dict(sample)
         sample[ID_KEY] = sample_id
         return sample
-
-
-def sample_ids_of(batch: Batch, id_key: str | int) -> torch.Tensor:
-    """The global sample ids of ``batch`` as ``LongTensor[B]``.
-
-    Dict batches carry them in the column ``id_key``; tuple batches as their last field.
-    """
-    if isinstance(batch, Mapping):
-        if id_key not in batch:
-            raise KeyError(
-                f'the samples carry no {id_key!r} column, so selection cannot name them. '
-                f'Build the dataset as jest_stream.SampleIdStreamingDataset (it adds the global '
-                f'sample id), or store an id column and pass its name as id_key=...')
-        ids = batch[id_key]
-    else:
-        ids = batch[-1]
-    ids = torch.as_tensor(ids)
-    if ids.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f'sample ids must be integers, got {ids.dtype} in column {id_key!r}')
-    return ids.long()
 
 
 class SuperBatchSource(ABC):
@@ -78,13 +95,12 @@ class SuperBatchSource(ABC):
     super_batch_size: int
     rank: int
     world_size: int
+    #: ``streaming`` or ``map``: recorded in the loader's state, checked when it is loaded.
+    kind: str
 
     @abstractmethod
     def samples_per_rank(self) -> int:
         """Samples this rank reads per epoch."""
-
-    def super_batches_per_epoch(self) -> int:
-        return math.ceil(self.samples_per_rank() / self.super_batch_size)
 
     @abstractmethod
     def iter_epoch(self, epoch: int, start: int) -> Iterator[Batch]:
@@ -93,6 +109,13 @@ class SuperBatchSource(ABC):
     def dataset_state(self, epoch: int, consumed: int) -> dict[str, Any] | None:
         """What the dataset needs to resume ``epoch`` after ``consumed`` super-batches."""
         return None
+
+    def check_dataset_state(self, state: Any) -> None:
+        """Raise a :class:`StateError` unless ``state`` can resume this source's dataset."""
+        if state is not None:
+            raise StateError(f'a {self.kind} dataset keeps no state of its own, but the loader '
+                             f'state holds {type(state).__name__}: it was saved by a loader over '
+                             f'another kind of dataset')
 
     def load_dataset_state(self, state: dict[str, Any] | None) -> None:
         """Prepare the underlying dataset to resume from ``state`` at its next epoch."""
@@ -107,10 +130,12 @@ class StreamingSource(SuperBatchSource):
     resumption is then exact at any super-batch boundary.
     """
 
+    kind = 'streaming'
+
     def __init__(self, dataset: StreamingDataset, *, super_batch_size: int, num_workers: int,
                  pin_memory: bool, prefetch_factor: int | None, timeout: float) -> None:
         if dataset.batch_size != super_batch_size:
-            raise ValueError(
+            raise SettingError(
                 f'StreamingDataset(batch_size={dataset.batch_size}) must equal the super-batch '
                 f'size B = batch_size / (1 - filter_ratio) = {super_batch_size}: streaming deals '
                 f'chunks of its batch_size to the workers, and a different read size breaks exact '
@@ -137,7 +162,7 @@ class StreamingSource(SuperBatchSource):
             if first:
                 streaming_epoch = self.dataset.next_epoch - 1
                 if streaming_epoch != epoch:
-                    raise RuntimeError(
+                    raise UsageError(
                         f'the StreamingDataset is in epoch {streaming_epoch} but the loader '
                         f'expected epoch {epoch}: every iter() of a StreamingDataset starts a '
                         f'new epoch, so only the jest_stream loader may iterate it. Give the '
@@ -153,15 +178,35 @@ class StreamingSource(SuperBatchSource):
         state['sample_in_epoch'] = raw
         return state
 
+    def check_dataset_state(self, state: Any) -> None:
+        """The saved streaming state must fit this dataset: its shuffle seed and canonical
+        nodes (streaming would silently take the saved ones, and replay another order)."""
+        if not isinstance(state, Mapping) or not {'epoch', 'sample_in_epoch'} <= set(state):
+            raise StateError(f'the loader state holds {type(state).__name__} for the dataset, '
+                             f'not a StreamingDataset state: it was saved by a loader over '
+                             f'another kind of dataset')
+        for key in ('shuffle_seed', 'num_canonical_nodes'):
+            saved, mine = state.get(key), getattr(self.dataset, key, None)
+            if saved is not None and mine is not None and saved != mine:
+                raise StateError(
+                    f'the saved loader read a StreamingDataset with {key}={saved} but this one '
+                    f'has {key}={mine}: the resumed epoch would read another order. Build the '
+                    f'dataset with {key}={saved} to resume')
+
     def load_dataset_state(self, state: dict[str, Any] | None) -> None:
         if state is not None:
             self.dataset.load_state_dict(state)
 
 
 class _IndexedDataset(Dataset):
-    """A map-style dataset whose samples carry their index as the sample id."""
+    """A map-style dataset whose samples carry a sample id: their own, or their index.
 
-    def __init__(self, dataset: Dataset, id_key: str) -> None:
+    A dict sample that has an ``id_key`` column, or a tuple sample when ``id_key`` is a field
+    position, keeps its ids. Otherwise the sample's index is the id: added as the column
+    ``id_key`` to a dict, appended as the last field of a tuple.
+    """
+
+    def __init__(self, dataset: Dataset, id_key: str | int) -> None:
         self.dataset = dataset
         self.id_key = id_key
 
@@ -171,11 +216,13 @@ class _IndexedDataset(Dataset):
     def __getitem__(self, index: int) -> Any:
         sample = self.dataset[index]
         if isinstance(sample, Mapping):
+            if self.id_key in sample:
+                return sample
             sample = dict(sample)
             sample[self.id_key] = index
             return sample
         if isinstance(sample, (tuple, list)):
-            return (*sample, index)
+            return sample if isinstance(self.id_key, int) else (*sample, index)
         return (sample, index)
 
 
@@ -186,6 +233,8 @@ class MapSource(SuperBatchSource):
     ``B * world_size``; rank ``r`` reads the ``r``-th of ``world_size`` equal parts of each,
     so every rank reads the same number of super-batches of the same sizes.
     """
+
+    kind = 'map'
 
     def __init__(self, dataset: Dataset, *, super_batch_size: int, shuffle: bool, seed: int,
                  rank: int, world_size: int, num_workers: int, pin_memory: bool,
@@ -203,9 +252,6 @@ class MapSource(SuperBatchSource):
 
     def samples_per_rank(self) -> int:
         return len(self.dataset) // self.world_size
-
-    def super_batches_per_epoch(self) -> int:
-        return math.ceil(len(self.dataset) / (self.super_batch_size * self.world_size))
 
     def _rank_batches(self, epoch: int) -> list[list[int]]:
         n = len(self.dataset)
@@ -243,7 +289,7 @@ def make_source(dataset: Dataset | StreamingDataset, *, super_batch_size: int, s
                                num_workers=num_workers, pin_memory=pin_memory,
                                prefetch_factor=prefetch_factor, timeout=timeout)
     if isinstance(dataset, IterableDataset) or not hasattr(dataset, '__len__'):
-        raise TypeError(
+        raise SettingTypeError(
             f'dataset must be a StreamingDataset or a map-style torch Dataset with __len__, got '
             f'{type(dataset).__name__}; write other iterables as MDS shards with '
             f'streaming.MDSWriter')

@@ -9,27 +9,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from typing import Any
 
 import torch
 
-from jest_stream.batch import Batch, move_to_device
+from jest_stream.batch import Batch, move_to_device, record_stream
 
 __all__ = ['DevicePrefetcher']
-
-
-def _record_stream(batch: Any, stream: torch.cuda.Stream) -> None:
-    # Tells the caching allocator the tensor is used on the consumer's stream, so its memory
-    # is not reused by the side stream too early.
-    if isinstance(batch, torch.Tensor):
-        if batch.is_cuda:
-            batch.record_stream(stream)
-    elif isinstance(batch, dict):
-        for value in batch.values():
-            _record_stream(value, stream)
-    elif isinstance(batch, (tuple, list)):
-        for value in batch:
-            _record_stream(value, stream)
 
 
 class DevicePrefetcher:
@@ -71,7 +56,9 @@ class DevicePrefetcher:
             start = time.perf_counter()
             consumer = torch.cuda.current_stream(self.device)
             consumer.wait_event(event)
-            _record_stream(device_batch, consumer)
+            # The caching allocator must not reuse the copy's memory while the consumer's
+            # stream still reads it.
+            record_stream(device_batch, consumer)
             sync_s = time.perf_counter() - start
             next_host, next_wait_s = self._next_host()
             pending = self._copy(next_host) if next_host is not None else None

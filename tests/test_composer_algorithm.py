@@ -11,46 +11,31 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from composer import Trainer
-from composer.core import Algorithm, Callback, Event
+from composer.core import Algorithm, Event
 from composer.loggers import InMemoryLogger
-from composer.models import ComposerClassifier, ComposerModel
-from conftest import N_CLASSES, features_and_labels, tiny_classifier
-from jest_stream.integrations.composer import JESTAlgorithm, call_model, jest_first
+from composer.models import ComposerClassifier
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from helpers.composer import (  # noqa: F401 (one_thread is an autouse fixture)
+    SUB,
+    B,
+    DictClassifier,
+    N,
+    TrainedBatches,
+    fit,
+    make_trainer,
+    one_thread,
+)
+from helpers.data import N_CLASSES, features_and_labels
+from helpers.models import tiny_classifier
 from jest_stream import ClassificationScorer, SelectiveLoader, collate_samples, get_criterion
-from jest_stream.pipeline import SelectionConfig, score_and_select
-
-N, B, SUB = 300, 50, 10
+from jest_stream.config import SelectionConfig
+from jest_stream.integrations.composer import JESTAlgorithm, call_model, jest_first
+from jest_stream.step import SelectionStep
 
 pytestmark = pytest.mark.filterwarnings('ignore::UserWarning')
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The toy models are too small to gain from intra-op threads, and on a busy machine with
-    # two cores threads that wait for each other make them many times slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-class DictClassifier(ComposerModel):
-    """A linear classifier over dict batches ``{'x', 'y', 'sample_id'}``."""
-
-    def __init__(self, module: nn.Module) -> None:
-        super().__init__()
-        self.module = module
-
-    def forward(self, batch):
-        return self.module(batch['x'])
-
-    def loss(self, outputs, batch, *args, **kwargs):
-        return F.cross_entropy(outputs, batch['y'])
 
 
 class RecordingFactory:
@@ -77,16 +62,6 @@ class RecordingFactory:
         return scorer
 
 
-class TrainedBatches(Callback):
-    """The sample ids of every batch the model trains on."""
-
-    def __init__(self) -> None:
-        self.ids: list[list[int]] = []
-
-    def batch_start(self, state, logger):
-        self.ids.append(state.batch['sample_id'].tolist())
-
-
 def _reference() -> nn.Module:
     return DictClassifier(tiny_classifier(1))
 
@@ -96,20 +71,11 @@ def _loader(make_streaming, mds_dir, *, batch_size=B, shuffle=True, **kwargs) ->
     return DataLoader(dataset, batch_size=batch_size, collate_fn=collate_samples, **kwargs)
 
 
-def _trainer(loader, algorithm, *, max_duration='4ba', callbacks=(), algorithms=(),
-             model=None, **kwargs) -> Trainer:
+def _trainer(loader, algorithm, *, callbacks=(), algorithms=(), model=None, **kwargs
+             ) -> Trainer:
     model = model if model is not None else DictClassifier(tiny_classifier(0))
-    return Trainer(model=model, train_dataloader=loader, max_duration=max_duration,
-                   optimizers=torch.optim.SGD(model.parameters(), lr=0.5),
-                   algorithms=[algorithm, *algorithms], algorithm_passes=jest_first,
-                   callbacks=list(callbacks), progress_bar=False, log_to_console=False, seed=3,
-                   device='cpu', **kwargs)
-
-
-def _fit(trainer: Trainer) -> Trainer:
-    trainer.fit()
-    trainer.close()
-    return trainer
+    return make_trainer(loader, model, algorithms=[algorithm, *algorithms],
+                        algorithm_passes=jest_first, callbacks=list(callbacks), **kwargs)
 
 
 def test_selects_sub_batches_counts_raw_samples_and_logs(mds_dir, make_streaming):
@@ -117,7 +83,7 @@ def test_selects_sub_batches_counts_raw_samples_and_logs(mds_dir, make_streaming
     trained = TrainedBatches()
     memory = InMemoryLogger()
     algorithm = JESTAlgorithm(filter_ratio=0.8, scorer_factory=factory, method='topk', seed=5)
-    trainer = _fit(_trainer(_loader(make_streaming, mds_dir), algorithm, callbacks=[trained],
+    trainer = fit(_trainer(_loader(make_streaming, mds_dir), algorithm, callbacks=[trained],
                             loggers=[memory]))
     assert algorithm.sub_batch_size == SUB
     assert [len(ids) for ids in factory.seen] == [B] * 4
@@ -139,13 +105,13 @@ def test_selects_sub_batches_counts_raw_samples_and_logs(mds_dir, make_streaming
     assert all(m > a for m, a in zip(means, alls, strict=True))
 
 
-def test_first_selection_is_score_and_select_at_the_batch_position(mds_dir, make_streaming):
+def test_first_selection_is_the_step_at_the_batch_position(mds_dir, make_streaming):
     factory = RecordingFactory(_reference())
     trained = TrainedBatches()
     algorithm = JESTAlgorithm(filter_ratio=0.8, scorer_factory=factory, seed=21, n_chunks=2)
     learner = DictClassifier(tiny_classifier(0))
     initial = DictClassifier(tiny_classifier(0))
-    _fit(_trainer(_loader(make_streaming, mds_dir), algorithm, callbacks=[trained],
+    fit(_trainer(_loader(make_streaming, mds_dir), algorithm, callbacks=[trained],
                   model=learner, max_duration='1ba'))
     # Recompute the first selection by hand, with the untrained weights and the derived
     # generator of (seed, epoch 0, batch 0).
@@ -154,8 +120,9 @@ def test_first_selection_is_score_and_select_at_the_batch_position(mds_dir, make
     batch = {'x': torch.from_numpy(x)[ids], 'y': torch.from_numpy(y)[ids], 'sample_id': ids}
     scorer = ClassificationScorer(initial, _reference(), target_key='y', forward=call_model)
     config = SelectionConfig(criterion=get_criterion('learnability'), method='joint',
-                             batch_size=SUB, n_chunks=2, temperature=1.0, seed=21)
-    result = score_and_select(config, scorer, batch, ids, 0, 0)
+                             batch_size=SUB, super_batch_size=B, n_chunks=2, temperature=1.0,
+                             seed=21)
+    result = SelectionStep(config, scorer).choose(batch, ids, 0, 0)
     assert trained.ids[0] == ids[result.selected].tolist()
 
 
@@ -186,7 +153,7 @@ def test_runs_before_other_algorithms_with_jest_first(mds_dir, make_streaming, r
                       max_duration='3ba', optimizers=torch.optim.SGD(model.parameters(), lr=0.5),
                       algorithms=algorithms, algorithm_passes=jest_first, progress_bar=False,
                       log_to_console=False, device='cpu')
-    _fit(trainer)
+    fit(trainer)
     assert recorder.sizes == [SUB] * 3
 
 
@@ -222,7 +189,7 @@ def _run(tmp_path, make_streaming, mds_dir, total, *, load_path=None, save_inter
                                               'save_interval': save_interval}
     trainer = _trainer(_loader(make_streaming, mds_dir), algorithm, callbacks=[trained],
                        max_duration=f'{total}ba', load_path=load_path, **extra)
-    _fit(trainer)
+    fit(trainer)
     result = {
         'raw': factory.seen,
         'selected': trained.ids,
@@ -280,7 +247,7 @@ def test_seed_is_checkpointed_and_a_different_one_refused(tmp_path, mds_dir, mak
     algorithm = JESTAlgorithm(filter_ratio=0.8, reference=_reference(), target_key='y')
     trainer = _trainer(_loader(make_streaming, mds_dir), algorithm, max_duration='2ba',
                        save_folder=str(tmp_path / 'ck'), save_interval='2ba')
-    _fit(trainer)
+    fit(trainer)
     assert algorithm.seed == 3  # the trainer's seed
     assert algorithm.state_dict()['seed'] == 3
     path = str(tmp_path / 'ck' / 'ep0-ba2-rank0.pt')
@@ -301,7 +268,7 @@ def test_max_duration_units(mds_dir, make_streaming, max_duration, batches):
     factory = RecordingFactory(_reference())
     trained = TrainedBatches()
     algorithm = JESTAlgorithm(filter_ratio=0.8, scorer_factory=factory)
-    trainer = _fit(_trainer(_loader(make_streaming, mds_dir), algorithm, callbacks=[trained],
+    trainer = fit(_trainer(_loader(make_streaming, mds_dir), algorithm, callbacks=[trained],
                             max_duration=max_duration))
     # 'ba' counts optimizer steps, 'sp' raw samples read (stopping at the first batch boundary
     # at or past it), 'ep' passes over the data.
@@ -321,7 +288,7 @@ def test_selection_window(mds_dir, make_streaming, outside):
     memory = InMemoryLogger()
     algorithm = JESTAlgorithm(filter_ratio=0.8, scorer_factory=factory, start=0.25, end=0.75,
                               outside_window=outside)
-    _fit(_trainer(_loader(make_streaming, mds_dir, shuffle=False), algorithm,
+    fit(_trainer(_loader(make_streaming, mds_dir, shuffle=False), algorithm,
                   callbacks=[trained], loggers=[memory], max_duration='2ep'))
     # 12 batches: selection runs for batches 3..8 (done = batch / 12 in [0.25, 0.75)).
     active = [value for _, value in memory.data['jest/active']]
@@ -338,14 +305,14 @@ def test_scoring_is_chunked_by_the_training_microbatch(mds_dir, make_streaming):
     factory = RecordingFactory(_reference())
     default = JESTAlgorithm(filter_ratio=0.8, reference=_reference(), target_key='y',
                             forward=factory.forward)
-    _fit(_trainer(_loader(make_streaming, mds_dir), default, max_duration='1ba',
+    fit(_trainer(_loader(make_streaming, mds_dir), default, max_duration='1ba',
                   device_train_microbatch_size=5))
     # Learner and reference each scored 50 rows in chunks of 5.
     assert factory.chunks == [5] * 20
     factory.chunks.clear()
     explicit = JESTAlgorithm(filter_ratio=0.8, reference=_reference(), target_key='y',
                              forward=factory.forward, chunk_size=20)
-    _fit(_trainer(_loader(make_streaming, mds_dir), explicit, max_duration='1ba'))
+    fit(_trainer(_loader(make_streaming, mds_dir), explicit, max_duration='1ba'))
     assert factory.chunks == [20, 20, 10] * 2
 
 
@@ -361,7 +328,7 @@ def test_composer_classifier_with_tuple_batches():
                       optimizers=torch.optim.SGD(model.parameters(), lr=0.5),
                       algorithms=[algorithm, recorder], algorithm_passes=jest_first,
                       progress_bar=False, log_to_console=False, device='cpu')
-    _fit(trainer)
+    fit(trainer)
     assert recorder.sizes == [8, 8, 8]
     assert int(trainer.state.timestamp.sample) == 120
 
@@ -378,7 +345,7 @@ def test_partial_last_batch_smaller_than_a_sub_batch_is_trained_whole(caplog):
                       algorithm_passes=jest_first, progress_bar=False, log_to_console=False,
                       device='cpu')
     with caplog.at_level(logging.WARNING, logger='jest_stream'):
-        _fit(trainer)
+        fit(trainer)
     assert recorder.sizes == [10, 10, 5]
     assert 'drop_last=True' in caplog.text
 

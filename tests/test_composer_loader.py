@@ -10,61 +10,27 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from composer import Trainer
-from composer.core import Callback, Event
+from composer.core import Event
 from composer.loggers import InMemoryLogger
-from composer.models import ComposerModel
-from conftest import RecordingScorer, tiny_classifier
 from jest_stream.integrations.composer import JESTAlgorithm, JESTLoaderCallback, jest_first
-from torch import nn
 from torch.utils.data import DataLoader
 
+from helpers.composer import (  # noqa: F401 (one_thread is an autouse fixture)
+    SUB,
+    B,
+    DictClassifier,
+    N,
+    TrainedBatches,
+    fit,
+    make_trainer,
+    one_thread,
+)
+from helpers.models import tiny_classifier
+from helpers.scorers import RecordingScorer
 from jest_stream import SelectiveLoader, collate_samples
 
-N, B, SUB = 300, 50, 10
-
 pytestmark = pytest.mark.filterwarnings('ignore::UserWarning')
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The toy models are too small to gain from intra-op threads, and on a busy machine with
-    # two cores threads that wait for each other make them many times slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-class DictClassifier(ComposerModel):
-    """A linear classifier over dict batches ``{'x', 'y', 'sample_id'}``."""
-
-    def __init__(self, module: nn.Module) -> None:
-        super().__init__()
-        self.module = module
-
-    def forward(self, batch):
-        return self.module(batch['x'])
-
-    def loss(self, outputs, batch, *args, **kwargs):
-        return F.cross_entropy(outputs, batch['y'])
-
-
-class TrainedBatches(Callback):
-    """The sample ids of every batch the model trains on, and the loader's position of each."""
-
-    def __init__(self) -> None:
-        self.ids: list[list[int]] = []
-        self.positions: list[tuple[int, int]] = []
-
-    def batch_start(self, state, logger):
-        self.ids.append(state.batch['sample_id'].tolist())
-
-    def batch_end(self, state, logger):
-        metrics = getattr(state.train_dataloader, 'metrics', None)
-        if metrics is not None:
-            self.positions.append((metrics['epoch'], metrics['super_batch']))
 
 
 def _selective_loader(make_streaming, mds_dir, scorer, **kwargs) -> SelectiveLoader:
@@ -72,17 +38,8 @@ def _selective_loader(make_streaming, mds_dir, scorer, **kwargs) -> SelectiveLoa
                            filter_ratio=0.8, scorer=scorer, n_chunks=2, seed=9, **kwargs)
 
 
-def _trainer(loader, model, *, max_duration='4ba', callbacks=(), **kwargs) -> Trainer:
-    return Trainer(model=model, train_dataloader=loader, max_duration=max_duration,
-                   optimizers=torch.optim.SGD(model.parameters(), lr=0.5),
-                   callbacks=[JESTLoaderCallback(), *callbacks], progress_bar=False,
-                   log_to_console=False, seed=3, device='cpu', **kwargs)
-
-
-def _fit(trainer: Trainer) -> Trainer:
-    trainer.fit()
-    trainer.close()
-    return trainer
+def _trainer(loader, model, *, callbacks=(), **kwargs) -> Trainer:
+    return make_trainer(loader, model, callbacks=[JESTLoaderCallback(), *callbacks], **kwargs)
 
 
 def test_counts_selected_samples_and_logs_loader_metrics(mds_dir, make_streaming):
@@ -91,7 +48,7 @@ def test_counts_selected_samples_and_logs_loader_metrics(mds_dir, make_streaming
     loader = _selective_loader(make_streaming, mds_dir, scorer)
     trained = TrainedBatches()
     memory = InMemoryLogger()
-    trainer = _fit(_trainer(loader, model, callbacks=[trained], loggers=[memory]))
+    trainer = fit(_trainer(loader, model, callbacks=[trained], loggers=[memory]))
     assert [len(ids) for ids in trained.ids] == [SUB] * 4
     assert [len(seen) for seen in scorer.seen] == [B] * 4
     # Composer counts what it trains on: selected samples.
@@ -113,7 +70,7 @@ def test_selects_what_the_algorithm_selects(mds_dir, make_streaming):
                                                                       tiny_classifier(1)),
                              n_chunks=2, seed=9)
     by_loader = TrainedBatches()
-    _fit(_trainer(loader, model, callbacks=[by_loader], max_duration=f'{steps}ba'))
+    fit(_trainer(loader, model, callbacks=[by_loader], max_duration=f'{steps}ba'))
 
     model = DictClassifier(tiny_classifier(0))
     by_algorithm = TrainedBatches()
@@ -126,7 +83,7 @@ def test_selects_what_the_algorithm_selects(mds_dir, make_streaming):
         optimizers=torch.optim.SGD(model.parameters(), lr=0.5), algorithms=[algorithm],
         algorithm_passes=jest_first, callbacks=[by_algorithm], progress_bar=False,
         log_to_console=False, device='cpu')
-    _fit(trainer)
+    fit(trainer)
     assert by_loader.ids == by_algorithm.ids
 
 
@@ -145,7 +102,7 @@ def _run(tmp_path, make_streaming, mds_dir, total, *, load_path=None, save=False
     trainer = _trainer(loader, model, callbacks=[trained], max_duration=f'{total}ba',
                        load_path=load_path, **extra)
     spun_before = loader.telemetry.totals['batches']
-    _fit(trainer)
+    fit(trainer)
     result = {
         'raw': scorer.seen,
         'selected': trained.ids,
@@ -258,7 +215,7 @@ def test_max_duration_units(mds_dir, make_streaming, max_duration, batches):
     model = DictClassifier(tiny_classifier(0))
     scorer = RecordingScorer(model.module, tiny_classifier(1))
     trained = TrainedBatches()
-    trainer = _fit(_trainer(_selective_loader(make_streaming, mds_dir, scorer), model,
+    trainer = fit(_trainer(_selective_loader(make_streaming, mds_dir, scorer), model,
                             callbacks=[trained], max_duration=max_duration))
     # 'ba' counts optimizer steps, 'sp' selected samples trained on, 'ep' passes over the data.
     assert len(trained.ids) == batches

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import write_mds
 from torch import nn
 
+from helpers.data import write_mds
 from jest_stream import (
     ColumnReference,
     ContrastiveScorer,
@@ -66,7 +66,7 @@ def test_sigmoid_joint_selection_matches_the_materialised_sampler(pairs_dir, mak
     batch = next(iterator)
     # Recompute the super-batch's pair-score matrix from scratch and sample from it directly.
     ids = torch.arange(50)
-    from conftest import features_and_labels
+    from helpers.data import features_and_labels
     x = torch.from_numpy(features_and_labels(200)[0])[ids]
     tokens = ids % N_TOKENS
     with torch.no_grad():
@@ -129,7 +129,7 @@ def test_softmax_loss_through_the_loader(pairs_dir, make_streaming, method):
 
 def test_reference_embeddings_from_columns(tmp_path, make_streaming):
     reference = TwoTower(1)
-    from conftest import features_and_labels
+    from helpers.data import features_and_labels
     x = torch.from_numpy(features_and_labels(100)[0])
     tokens = torch.arange(100) % N_TOKENS
     with torch.no_grad():

@@ -8,8 +8,9 @@ import time
 
 import pytest
 import torch.multiprocessing as mp
-from conftest import write_mds
-from distributed_workers import (
+
+from helpers.data import write_mds
+from helpers.distributed import (
     make_loader,
     map_dataset,
     run_steps,

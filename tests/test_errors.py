@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import features_and_labels, tiny_classifier
 from streaming import StreamingDataset
 from torch.utils.data import TensorDataset
 
+from helpers.data import features_and_labels
+from helpers.models import tiny_classifier
 from jest_stream import (
     ClassificationScorer,
+    JestStreamError,
     ScoreError,
     SelectiveLoader,
     super_batch_size_for,
@@ -29,7 +31,7 @@ def _scorer(**kwargs):
 
 @pytest.mark.parametrize('ratio', [1.0, -0.1, 1.5, 'half'])
 def test_filter_ratio_outside_unit_interval(tensors, ratio):
-    with pytest.raises(ValueError, match='filter_ratio'):
+    with pytest.raises(JestStreamError, match='filter_ratio'):
         SelectiveLoader(tensors, batch_size=10, filter_ratio=ratio, criterion='uniform')
 
 

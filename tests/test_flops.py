@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from test_flexi import N_LABELS, PooledConv, TinyFlexi, as_float, write_image_mds
 from torch import nn
 
 from jest_stream import ClassificationScorer, SelectiveLoader
@@ -16,6 +15,7 @@ from jest_stream.flexi import (
     mixed_resolution_loss,
 )
 from jest_stream.flops import count_flops, forward_flops, score_flops, train_step_flops
+from test_flexi import N_LABELS, PooledConv, TinyFlexi, as_float, write_image_mds
 
 
 def conv_flops(n: int, side: int, channels: int = 4) -> int:

@@ -8,7 +8,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import write_mds
+
+from helpers.data import write_mds
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -6,9 +6,11 @@ import logging
 
 import pytest
 import torch
-from conftest import N_CLASSES, RecordingScorer, features_and_labels, tiny_classifier
 from torch.utils.data import Dataset, TensorDataset
 
+from helpers.data import N_CLASSES, features_and_labels
+from helpers.models import tiny_classifier
+from helpers.scorers import RecordingScorer
 from jest_stream import (
     ClassificationScorer,
     ColumnReference,
@@ -94,7 +96,8 @@ def test_learner_is_left_in_training_mode_without_gradients(mds_dir, make_stream
 
 def test_reference_from_a_dataset_column(tmp_path, make_streaming):
     import numpy as np
-    from conftest import write_mds
+
+    from helpers.data import write_mds
 
     ref_loss = np.linspace(0, 1, 120).astype(np.float32)
     directory = write_mds(tmp_path / 'col', 120, extra={'ref_loss': ('float32', ref_loss)})

@@ -6,9 +6,11 @@ import gc
 
 import pytest
 import torch
-from conftest import RecordingScorer, features_and_labels, tiny_classifier
 from torch.utils.data import TensorDataset
 
+from helpers.data import features_and_labels
+from helpers.models import tiny_classifier
+from helpers.scorers import RecordingScorer
 from jest_stream import SelectiveLoader
 
 N = 300

@@ -1,7 +1,7 @@
 """Process scoring over real MDS shards: same selections as inline, bounded staleness, resume.
 
-Scorers here are built from library classes (and ``counting_scorer``) only, so the scorer
-process never has to import this test module (and, through conftest, mosaicml-streaming) to
+Scorers here are built from library classes (and ``helpers.scorers``) only, so the scorer
+process never has to import this test module (and, through it, mosaicml-streaming) to
 unpickle them.
 """
 
@@ -14,12 +14,13 @@ import psutil
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import features_and_labels, tiny_classifier
-from counting_scorer import CountingScorer
 from torch.utils.data import Dataset, TensorDataset
 
+from helpers.data import features_and_labels
+from helpers.models import tiny_classifier
+from helpers.scorers import CountingScorer
 from jest_stream import ClassificationScorer, SelectiveLoader
-from jest_stream.batch_ring import BatchRing, SlotCache
+from jest_stream.process.ring import BatchRing, SlotCache
 
 N = 300
 

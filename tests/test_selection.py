@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from jest_stream.errors import JestStreamError
 from jest_stream.losses import (
     InfoNCEConditional,
     infonce_conditional_losses,
@@ -117,7 +118,7 @@ def test_chunk_sizes(n_select, n_chunks, expected):
     (4, 0, 'n_chunks'), (4, 1.5, 'n_chunks'),
 ])
 def test_chunk_sizes_rejects_bad_arguments(n_select, n_chunks, name):
-    with pytest.raises(ValueError, match=name):
+    with pytest.raises(JestStreamError, match=name):
         chunk_sizes(n_select, n_chunks)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 
 import pytest
@@ -9,7 +11,7 @@ import torch
 import torch.multiprocessing as torch_mp
 from torch import nn
 
-from jest_stream.shared_weights import SharedWeights, StepCounter, state_tensors
+from jest_stream.process.weights import SharedWeights, StepCounter, WeightsTimeout, state_tensors
 
 
 def _model(seed: int = 0) -> nn.Module:
@@ -22,10 +24,9 @@ def _tensors(module: nn.Module) -> list[torch.Tensor]:
 
 
 def test_publish_then_read_gives_the_published_state_and_version():
-    ctx = torch_mp.get_context('spawn')
     source, replica = _model(0), _model(1)
     source(torch.randn(4, 6))  # batch-norm statistics and counter move: buffers are shared too
-    weights = SharedWeights.for_module(source, ctx.Lock())
+    weights = SharedWeights.for_module(source, timeout=30)
     weights.publish(_tensors(source), 7)
     assert weights.read_into(_tensors(replica)) == (7, 1)
     for (name, a), (_, b) in zip(state_tensors(source), state_tensors(replica), strict=True):
@@ -41,9 +42,9 @@ def test_publish_then_read_gives_the_published_state_and_version():
 
 
 def test_publish_refuses_a_changed_model_before_touching_the_buffer():
-    ctx = torch_mp.get_context('spawn')
+    torch_mp.get_context('spawn')
     model = _model()
-    weights = SharedWeights.for_module(model, ctx.Lock())
+    weights = SharedWeights.for_module(model, timeout=30)
     weights.publish(_tensors(model), 1)
     wrong = _tensors(model)
     wrong[0] = torch.zeros(2, 2)
@@ -54,20 +55,55 @@ def test_publish_refuses_a_changed_model_before_touching_the_buffer():
     assert weights.read_into(_tensors(_model(1)))[0] == 3
 
 
-def test_a_lock_held_by_a_dead_peer_gives_up_instead_of_hanging():
+def _hold_lock(weights: SharedWeights, held, stop_after: bool) -> None:
+    """Takes the control lock and keeps it: stops itself, or exits while holding it."""
+    weights._lock.acquire(timeout=10)
+    held.set()
+    if stop_after:
+        os.kill(os.getpid(), signal.SIGSTOP)
+    os._exit(0)  # the kernel releases a record lock of a process that ends
+
+
+def test_a_lock_held_by_a_process_that_died_is_free_at_once():
     ctx = torch_mp.get_context('spawn')
     model = _model()
-    lock = ctx.Lock()
-    weights = SharedWeights.for_module(model, lock)
-    lock.acquire()  # as if the other process died inside the lock
-
-    def give_up():
-        raise TimeoutError('peer is gone')
-
+    weights = SharedWeights.for_module(model, timeout=30)
+    held = ctx.Event()
+    holder = ctx.Process(target=_hold_lock, args=(weights, held, False), daemon=True)
+    holder.start()
+    assert held.wait(60)
+    holder.join(30)
     start = time.monotonic()
-    with pytest.raises(TimeoutError, match='peer is gone'):
-        weights.publish(_tensors(model), 1, give_up=give_up)
-    assert time.monotonic() - start < 2.0
+    weights.publish(_tensors(model), 1)
+    assert time.monotonic() - start < 1.0
+    assert weights.latest() == (1, 1)
+
+
+def test_a_lock_held_by_a_stopped_process_is_waited_for_at_most_timeout():
+    ctx = torch_mp.get_context('spawn')
+    model = _model()
+    weights = SharedWeights.for_module(model, timeout=1.0)
+    held = ctx.Event()
+    holder = ctx.Process(target=_hold_lock, args=(weights, held, True), daemon=True)
+    holder.start()
+    try:
+        assert held.wait(60)
+        checks = []
+        start = time.monotonic()
+        with pytest.raises(WeightsTimeout, match='control lock'):
+            weights.publish(_tensors(model), 1, give_up=lambda: checks.append(1))
+        assert 1.0 <= time.monotonic() - start < 5.0
+        assert checks, 'give_up was never consulted while waiting'
+        # give_up stops the wait early when it raises (the other process is gone).
+        with pytest.raises(RuntimeError, match='peer is gone'):
+            weights.publish(_tensors(model), 1, give_up=_raise_gone)
+    finally:
+        holder.kill()
+        holder.join(30)
+
+
+def _raise_gone() -> None:
+    raise RuntimeError('peer is gone')
 
 
 # A writer hammering publishes while another process reads: every read is one version.
@@ -110,7 +146,7 @@ def test_concurrent_reader_never_sees_torn_weights(device):
     ctx = torch_mp.get_context('spawn')
     specs_model = nn.ParameterList([nn.Parameter(torch.zeros(NUMEL, device=device))
                                     for _ in range(N_TENSORS)])
-    weights = SharedWeights.for_module(specs_model, ctx.Lock())
+    weights = SharedWeights.for_module(specs_model, timeout=30)
     source = [torch.zeros(NUMEL, device=device) for _ in range(N_TENSORS)]
     weights.publish(source, 0)
     done, report = ctx.Event(), ctx.Queue()

@@ -11,28 +11,44 @@ weights (half one version, half another):
   seqlock); the reader notes it, copies, and notes it again, and copies again if
   it changed (the writer came round to that slot twice during the copy);
 - sequence numbers and the active index live in a small shared control block read
-  and written under a cross-process lock held only for a few integer reads or
-  writes, never during a copy. The lock's acquire and release order the copies
-  against the control block on any CPU (the copies themselves are plain stores);
+  and written under a cross-process lock (:class:`ProcessLock`) held only for a few
+  integer reads or writes, never during a copy. The lock's acquire and release order
+  the copies against the control block on any CPU (the copies themselves are plain
+  stores);
 - on CUDA, the writer waits for its copy stream before marking a slot complete and
   the reader waits for its copy before checking the sequence again.
 
+Every wait for the lock or for a consistent copy is bounded: it calls the caller's
+``give_up`` hook while it waits (which raises when the other process is gone) and raises
+:class:`WeightsTimeout` once ``timeout`` seconds have passed.
+
 Each publish carries a *version*: the trainer's count of weight updates (optimizer
-steps) when the weights were taken. :class:`StepCounter` keeps that count.
+steps) when the weights were taken. :class:`StepCounter` keeps that count, and
+:class:`WeightSync` decides when to publish and how far ahead batches may be scored
+(the staleness policy).
 """
 
 from __future__ import annotations
 
+import fcntl
+import os
+import tempfile
+import time
 import weakref
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from multiprocessing import reduction
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-__all__ = ['SharedWeights', 'StepCounter', 'TensorSpec', 'state_tensors']
+from jest_stream.errors import JestStreamError, SettingError
+
+__all__ = ['ProcessLock', 'SharedWeights', 'StepCounter', 'TensorSpec', 'WeightSync',
+           'WeightsTimeout', 'state_tensors']
 
 # Control block: the active slot, then per slot its sequence, version and publish number.
 _ACTIVE = 0
@@ -41,8 +57,80 @@ _VERSION = (3, 4)
 _PUBLISH = (5, 6)
 _CONTROL_SIZE = 7
 
-# How long one wait for the control lock lasts before the caller's give_up hook runs.
-_LOCK_POLL_S = 0.1
+# How often a wait for the control lock runs the caller's give_up hook.
+_GIVE_UP_EVERY_S = 0.1
+
+
+class WeightsTimeout(JestStreamError, TimeoutError):
+    """A wait on the other process for the shared weights lasted longer than ``timeout``."""
+
+
+class ProcessLock:
+    """A lock two processes share, that leaves nothing named behind and dies with its holder.
+
+    It is a POSIX record lock (``fcntl.lockf``) on an anonymous file (a ``memfd`` where the
+    system has one, else an unlinked temporary file). Such locks belong to a process: the
+    kernel releases them when the holder exits, even when it is killed, and the file has no
+    name to leak in ``/dev/shm`` or the temp dir (a ``multiprocessing.Lock`` of a spawned
+    process is a named semaphore, which a killed run leaves behind). The descriptor travels
+    to a spawned process with the ``Process`` arguments (``multiprocessing.reduction.DupFd``).
+
+    Acquiring polls with a growing sleep (from 50 microseconds to 1 millisecond): the lock is
+    held only for a few integer reads and writes, so it is almost never contended.
+    """
+
+    def __init__(self) -> None:
+        if hasattr(os, 'memfd_create'):
+            self._fd = os.memfd_create('jest_stream-weights-lock', os.MFD_CLOEXEC)
+        else:  # pragma: no cover - systems without memfd
+            with tempfile.TemporaryFile() as file:
+                self._fd = os.dup(file.fileno())
+        weakref.finalize(self, os.close, self._fd)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Only while a process is being spawned: the descriptor is duplicated for the child.
+        return {'fd': reduction.DupFd(self._fd)}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._fd = state['fd'].detach()
+        weakref.finalize(self, os.close, self._fd)
+
+    def acquire(self, *, timeout: float, give_up: Callable[[], None] | None = None,
+                what: str = 'the shared weights lock') -> None:
+        """Take the lock, waiting at most ``timeout`` seconds.
+
+        Args:
+            timeout (float): Seconds to wait at most.
+            give_up (Callable, optional): Called about every 0.1 s while waiting; raise from
+                it to stop waiting (when the other process is gone, say).
+            what (str): What is waited for, named in the error.
+
+        Raises:
+            WeightsTimeout: The lock was not free within ``timeout`` (the other process holds
+                it and is stopped or stuck).
+        """
+        deadline = time.monotonic() + timeout
+        next_check = time.monotonic() + _GIVE_UP_EVERY_S
+        pause = 5e-5
+        while True:
+            try:
+                fcntl.lockf(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except OSError:
+                pass
+            now = time.monotonic()
+            if now >= deadline:
+                raise WeightsTimeout(
+                    f'waited {timeout:g} s (timeout=) for {what}, which the other process '
+                    f'holds: it is stopped (SIGSTOP, a debugger, a frozen container) or stuck')
+            if give_up is not None and now >= next_check:
+                give_up()
+                next_check = now + _GIVE_UP_EVERY_S
+            time.sleep(pause)
+            pause = min(pause * 2, 1e-3)
+
+    def release(self) -> None:
+        fcntl.lockf(self._fd, fcntl.LOCK_UN)
 
 
 @dataclass(frozen=True)
@@ -119,18 +207,28 @@ class SharedWeights:
     """A versioned double buffer of a module's state, shared between two processes.
 
     Create it in the trainer from the learner's state, hand it to the scorer process as an
-    argument of ``Process`` (its tensors travel as shared-memory or CUDA IPC handles), then
-    :meth:`publish` in the trainer and :meth:`read_into` in the scorer.
+    argument of ``Process`` (its tensors travel as shared-memory or CUDA IPC handles, its
+    lock as a file descriptor), then :meth:`publish` in the trainer and :meth:`read_into`
+    in the scorer.
 
     Args:
         specs (Sequence[TensorSpec]): The tensors of the state, in a fixed order.
-        lock: A lock from the multiprocessing context that starts the reader
-            (``ctx.Lock()``).
+        timeout (float): Seconds any wait on the other process may last (the lock, a
+            consistent copy) before :class:`WeightsTimeout`.
+
+    Attributes:
+        on_locked (Callable | None): Called right after the control lock is taken (a test
+            hook: stopping the process there holds the lock).
     """
 
-    def __init__(self, specs: Sequence[TensorSpec], lock: Any) -> None:
+    on_locked: Callable[[], None] | None = None
+
+    def __init__(self, specs: Sequence[TensorSpec], *, timeout: float) -> None:
+        if not timeout > 0:
+            raise SettingError(f'timeout={timeout!r} must be a positive number of seconds')
         self.specs = list(specs)
-        self._lock = lock
+        self.timeout = float(timeout)
+        self._lock = ProcessLock()
         self._flats = [_allocate(self.specs) for _ in range(2)]
         self._slots = [_views(flats, self.specs) for flats in self._flats]
         self._control = torch.zeros(_CONTROL_SIZE, dtype=torch.int64).share_memory_()
@@ -139,9 +237,10 @@ class SharedWeights:
         self.retries = 0
 
     @classmethod
-    def for_module(cls, module: nn.Module, lock: Any) -> SharedWeights:
+    def for_module(cls, module: nn.Module, *, timeout: float) -> SharedWeights:
         """Buffers shaped like ``module``'s parameters and buffers (nothing published yet)."""
-        return cls([TensorSpec.of(name, t) for name, t in state_tensors(module)], lock)
+        return cls([TensorSpec.of(name, t) for name, t in state_tensors(module)],
+                   timeout=timeout)
 
     def __getstate__(self) -> dict[str, Any]:
         # Only the flat buffers cross the process boundary; the views are rebuilt there.
@@ -155,10 +254,11 @@ class SharedWeights:
         self._slots = [_views(flats, self.specs) for flats in self._flats]
 
     def _locked(self, give_up: Callable[[], None] | None) -> _Held:
-        while not self._lock.acquire(timeout=_LOCK_POLL_S):
-            # The other side may have died holding the lock; give_up raises if so.
-            if give_up is not None:
-                give_up()
+        self._lock.acquire(timeout=self.timeout, give_up=give_up,
+                           what='the control lock of the shared weights')
+        hook = type(self).on_locked
+        if hook is not None:
+            hook()
         return _Held(self._lock)
 
     def _read(self, index: int) -> int:
@@ -174,14 +274,18 @@ class SharedWeights:
             tensors (Sequence[Tensor]): The current state, shaped like ``specs``.
             version (int): Weight updates (optimizer steps) the state includes.
             give_up (Callable, optional): Called while waiting for the control lock; raise
-                from it to stop waiting (e.g. when the reader died holding it).
+                from it to stop waiting (e.g. when the reader died).
+
+        Raises:
+            SettingError: The tensors no longer match ``specs`` (the model changed shape).
+            WeightsTimeout: The reader held the control lock for ``timeout`` seconds.
         """
         if len(tensors) != len(self.specs):
-            raise ValueError(f'publish got {len(tensors)} tensors; the shared weights hold '
-                             f'{len(self.specs)}')
+            raise SettingError(f'publish got {len(tensors)} tensors; the shared weights hold '
+                               f'{len(self.specs)}')
         for tensor, spec in zip(tensors, self.specs, strict=True):
             if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
-                raise ValueError(
+                raise SettingError(
                     f'the learner tensor {spec.name!r} is now {tuple(tensor.shape)} '
                     f'{tensor.dtype}, not {spec.shape} {spec.dtype} as when the scorer process '
                     f'started; a scorer process cannot follow a change of the model\'s '
@@ -196,6 +300,19 @@ class SharedWeights:
             self._control[_PUBLISH[slot]] = self._publishes
             self._control[_SEQ[slot]] += 1
             self._control[_ACTIVE] = slot
+
+    def differs(self, tensors: Sequence[Tensor]) -> bool:
+        """Whether ``tensors`` differ from the last published state (trainer side only: the
+        trainer is the only writer, so the active slot cannot change meanwhile)."""
+        active = self._slots[self._read(_ACTIVE)]
+        with torch.no_grad():
+            # One flag per device, read once: a single synchronisation on a GPU.
+            flags: dict[torch.device, Tensor] = {}
+            for tensor, published in zip(tensors, active, strict=True):
+                flag = flags.setdefault(tensor.device, torch.zeros(
+                    (), dtype=torch.bool, device=tensor.device))
+                flag |= (tensor != published).any()
+            return any(bool(flag) for flag in flags.values())
 
     def _copy(self, destination: list[Tensor], source: Sequence[Tensor]) -> None:
         cuda_devices = {t.device for t in destination if t.is_cuda}
@@ -221,7 +338,11 @@ class SharedWeights:
     # Reader (scorer process)
 
     def latest(self, *, give_up: Callable[[], None] | None = None) -> tuple[int, int]:
-        """``(version, publish number)`` of the active slot, without copying anything."""
+        """``(version, publish number)`` of the active slot, without copying anything.
+
+        Raises:
+            WeightsTimeout: The writer held the control lock for ``timeout`` seconds.
+        """
         with self._locked(give_up):
             slot = self._read(_ACTIVE)
             return self._read(_VERSION[slot]), self._read(_PUBLISH[slot])
@@ -236,7 +357,12 @@ class SharedWeights:
 
         Returns:
             tuple[int, int]: The version and publish number of what was copied.
+
+        Raises:
+            WeightsTimeout: No consistent copy could be made within ``timeout`` seconds (the
+                writer stopped in the middle of a publish).
         """
+        deadline = time.monotonic() + self.timeout
         while True:
             with self._locked(give_up):
                 slot = self._read(_ACTIVE)
@@ -254,10 +380,15 @@ class SharedWeights:
                 if after == before:
                     return version, number
             self.retries += 1
+            if time.monotonic() > deadline:
+                raise WeightsTimeout(
+                    f'no consistent copy of the shared weights within {self.timeout:g} s '
+                    f'(timeout=): the trainer stopped in the middle of a publish')
+            time.sleep(1e-4)
 
 
 class _Held:
-    def __init__(self, lock: Any) -> None:
+    def __init__(self, lock: ProcessLock) -> None:
         self._lock = lock
 
     def __enter__(self) -> None:
@@ -277,7 +408,8 @@ class StepCounter:
     ``torch.no_grad()``, ``load_state_dict``; seen through the version counters) or of a
     buffer (batch-norm statistics moved by a training forward, as in gradient accumulation;
     seen by comparing the buffers with their values at the last poll) counts one.
-    Changes of parameters through ``param.data`` are invisible: report them with :meth:`bump`.
+    Changes of parameters through ``param.data`` leave no trace here; :class:`WeightSync`
+    sees them by comparing the parameters with the last published copy.
 
     Args:
         module (nn.Module): The learner.
@@ -334,7 +466,6 @@ class StepCounter:
 
     def bump(self) -> int:
         """Count one update that nothing else could see; returns the new count."""
-        self.poll()
         self.steps += 1
         return self.steps
 
@@ -353,3 +484,85 @@ class _StepHook:
         counter = self._ref()
         if counter is not None:
             counter._optimizer_stepped(optimizer)
+
+
+class WeightSync:
+    """The trainer's side of weight sharing, and the staleness policy.
+
+    Counts the learner's updates at each batch boundary, publishes the weights every
+    ``sync_every`` of them, and says how many super-batches may be scored ahead so that
+    none is staler than ``max_staleness`` updates when it is handed over.
+
+    Updates are seen whatever makes them: optimizer steps (plain, ``foreach`` and fused,
+    through a global step hook), in-place writes and ``load_state_dict`` (version counters),
+    buffers moved by a forward (compared with a snapshot), and writes through ``param.data``
+    (compared with the last published copy when nothing else was seen since it).
+
+    Args:
+        learner (nn.Module): The module whose weights the scorer process mirrors.
+        sync_every (int): Publish every this many updates.
+        max_staleness (int): Most updates a handed-over batch's weights may lag.
+        prefetch_depth (int): Super-batches in flight.
+        timeout (float): Seconds any wait on the scorer process may last.
+    """
+
+    def __init__(self, learner: nn.Module, *, sync_every: int, max_staleness: int,
+                 prefetch_depth: int, timeout: float) -> None:
+        self.learner = learner
+        self.sync_every = sync_every
+        self.max_staleness = max_staleness
+        self.prefetch_depth = prefetch_depth
+        self.shared = SharedWeights.for_module(learner, timeout=timeout)
+        self.counter = StepCounter(learner)
+        self.published = 0
+        self.recent: deque[int] = deque(maxlen=8)
+        self.last_steps: int | None = None
+        self.shared.publish(self._tensors(), 0)
+
+    def _tensors(self) -> list[Tensor]:
+        return [tensor.detach() for _, tensor in state_tensors(self.learner)]
+
+    def poll(self, give_up: Callable[[], None] | None = None) -> int:
+        """At a batch boundary: count updates, publish when ``sync_every`` have accumulated.
+
+        Returns:
+            int: Updates so far.
+        """
+        steps = self.counter.poll()
+        if steps == self.published and self.shared.differs(self._tensors()):
+            steps = self.counter.bump()  # a write through .data
+        if self.last_steps is not None:
+            self.recent.append(steps - self.last_steps)
+        self.last_steps = steps
+        if steps - self.published >= self.sync_every:
+            self.publish(steps, give_up)
+        return steps
+
+    def publish(self, steps: int, give_up: Callable[[], None] | None = None) -> None:
+        """Publish the current weights as version ``steps``."""
+        self.shared.publish(self._tensors(), steps, give_up=give_up)
+        self.published = steps
+
+    def publish_now(self, give_up: Callable[[], None] | None = None) -> None:
+        """Publish now, counting one update if none was seen since the last publish."""
+        steps = self.counter.poll()
+        if steps == self.published:
+            steps = self.counter.bump()
+        self.publish(steps, give_up)
+
+    def lookahead(self) -> int:
+        """Super-batches that may be scored ahead of the one handed over next.
+
+        A batch submitted ``k`` batches before its hand-over is ``k`` times the updates per
+        batch (plus up to ``sync_every - 1`` unpublished ones) stale by then.
+        """
+        # Updates per batch, recently; before any are seen, one (a training loop).
+        per_batch = max(self.recent) if self.recent else 1
+        if per_batch == 0:
+            return self.prefetch_depth
+        budget = self.max_staleness - (self.sync_every - 1)
+        return min(self.prefetch_depth, budget // per_batch)
+
+    def close(self) -> None:
+        """Stop counting optimizer steps."""
+        self.counter.close()

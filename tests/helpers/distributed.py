@@ -13,9 +13,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from conftest import features_and_labels, tiny_classifier
 from torch.utils.data import TensorDataset
 
+from helpers.data import features_and_labels
+from helpers.models import tiny_classifier
 from jest_stream import ClassificationScorer, SelectiveLoader
 
 

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from jest_stream.batch import Batch, get_column
+from jest_stream.errors import MissingColumnError, SettingError, SettingTypeError
 
 __all__ = ['ReferenceTable', 'ColumnReference', 'freeze', 'resolve_reference', 'require_output']
 
@@ -51,7 +52,7 @@ class ColumnReference:
                         {'loss': loss, 'image_emb': image_emb, 'text_emb': text_emb}.items()
                         if v is not None}
         if not self.columns:
-            raise ValueError('ColumnReference needs loss=... or image_emb=... and text_emb=...')
+            raise SettingError('ColumnReference needs loss=... or image_emb=... and text_emb=...')
         self.constants = {k: v for k, v in {'temperature': temperature, 'bias': bias}.items()
                           if v is not None}
 
@@ -74,7 +75,7 @@ def resolve_reference(reference: Any, *, needed: bool, setting: str = 'reference
     """Check and prepare a reference: a frozen ``nn.Module``, a table, or None when unneeded."""
     if reference is None:
         if needed:
-            raise ValueError(
+            raise SettingError(
                 f'{setting} is None but the criterion needs reference outputs; pass a frozen '
                 f'model, a ColumnReference, or a reference cache (or use criterion="hard_learner")')
         return None
@@ -82,7 +83,7 @@ def resolve_reference(reference: Any, *, needed: bool, setting: str = 'reference
         return freeze(reference)
     if isinstance(reference, ReferenceTable):
         return reference
-    raise TypeError(
+    raise SettingTypeError(
         f'{setting} must be an nn.Module, a ColumnReference or an object with '
         f'outputs(batch, sample_ids); got {type(reference).__name__}')
 
@@ -90,7 +91,7 @@ def resolve_reference(reference: Any, *, needed: bool, setting: str = 'reference
 def require_output(outputs: Mapping[str, Any], key: str, *, source: Any) -> Any:
     """``outputs[key]``, or an error saying which reference lacks it."""
     if key not in outputs:
-        raise KeyError(
+        raise MissingColumnError(
             f'the reference {type(source).__name__} gave no {key!r} (it gave {sorted(outputs)}); '
             f'this scorer needs {key!r} from its reference')
     return outputs[key]

@@ -18,14 +18,15 @@ columns (lists of strings, say) travel as they are, pickled with the request.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from jest_stream.batch import Batch
+from jest_stream.batch import Batch, flatten_columns, unflatten_columns
+from jest_stream.errors import DataError, SettingError, UsageError
 
 __all__ = ['BatchRing', 'Column', 'SlotCache', 'SlotRequest', 'split_batch', 'join_batch']
 
@@ -38,35 +39,25 @@ class Column:
 
 
 def split_batch(batch: Batch) -> tuple[Any, list[Tensor]]:
-    """``batch`` with every tensor replaced by a :class:`Column`, and the tensors in order."""
+    """``batch``'s structure with every tensor column replaced by a :class:`Column`, and the
+    tensors in order. The structure pickles: it carries the non-tensor columns."""
+    columns, spec = flatten_columns(batch)
     tensors: list[Tensor] = []
-
-    def walk(node: Any) -> Any:
-        if isinstance(node, Tensor):
-            tensors.append(node)
-            return Column(len(tensors) - 1)
-        if isinstance(node, Mapping):
-            return {key: walk(value) for key, value in node.items()}
-        if isinstance(node, tuple):
-            return tuple(walk(value) for value in node)
-        if isinstance(node, list):
-            return [walk(value) for value in node]
-        return node
-
-    return walk(batch), tensors
+    placed = []
+    for column in columns:
+        if isinstance(column, Tensor):
+            placed.append(Column(len(tensors)))
+            tensors.append(column)
+        else:
+            placed.append(column)
+    return (spec, placed), tensors
 
 
-def join_batch(structure: Any, columns: Sequence[Tensor]) -> Batch:
-    """The inverse of :func:`split_batch`: placeholders replaced by ``columns``."""
-    if isinstance(structure, Column):
-        return columns[structure.index]
-    if isinstance(structure, Mapping):
-        return {key: join_batch(value, columns) for key, value in structure.items()}
-    if isinstance(structure, tuple):
-        return tuple(join_batch(value, columns) for value in structure)
-    if isinstance(structure, list):
-        return [join_batch(value, columns) for value in structure]
-    return structure
+def join_batch(structure: Any, tensors: Sequence[Tensor]) -> Batch:
+    """The inverse of :func:`split_batch`: placeholders replaced by ``tensors``."""
+    spec, placed = structure
+    return unflatten_columns([tensors[c.index] if isinstance(c, Column) else c for c in placed],
+                             spec)
 
 
 @dataclass
@@ -111,7 +102,7 @@ class BatchRing:
 
     def __init__(self, n_slots: int, capacity: int, device: torch.device) -> None:
         if device.type not in ('cpu', 'cuda'):
-            raise ValueError(f'a batch ring lives on the cpu or a cuda device, not {device}')
+            raise SettingError(f'a batch ring lives on the cpu or a cuda device, not {device}')
         self.device = device
         self.capacity = capacity
         self.slots = [_Slot() for _ in range(n_slots)]
@@ -136,11 +127,8 @@ class BatchRing:
         """The trainer let go of the slot, or a request that read it was answered."""
         slot = self.slots[slot_id]
         if slot.users <= 0:
-            raise RuntimeError(f'slot {slot_id} of the batch ring was released twice')
+            raise UsageError(f'slot {slot_id} of the batch ring was released twice')
         slot.users -= 1
-
-    def in_use(self) -> int:
-        return sum(1 for slot in self.slots if slot.users)
 
     # Data
 
@@ -148,15 +136,15 @@ class BatchRing:
         """Copy ``batch`` (``n <= capacity`` rows) into the slot; on CUDA on the side stream."""
         structure, tensors = split_batch(batch)
         if not tensors:
-            raise ValueError('a super-batch without tensor columns cannot be scored')
+            raise DataError('a super-batch without tensor columns cannot be scored')
         n = int(tensors[0].shape[0])
         for column, tensor in enumerate(tensors):
             if tensor.dim() == 0 or tensor.shape[0] != n:
-                raise ValueError(
+                raise DataError(
                     f'tensor column {column} of the batch has shape {tuple(tensor.shape)}; every '
                     f'tensor of a super-batch must have its {n} examples on the first dimension')
         if n > self.capacity:
-            raise ValueError(f'a super-batch of {n} rows does not fit slots of {self.capacity}')
+            raise DataError(f'a super-batch of {n} rows does not fit slots of {self.capacity}')
         slot = self.slots[slot_id]
         specs = tuple((tuple(t.shape[1:]), t.dtype) for t in tensors)
         if specs != slot.specs:
@@ -249,7 +237,7 @@ class SlotCache:
         self.receive(request)
         allocation, buffers = self._slots.get(request.slot, (None, []))
         if allocation != request.allocation:
-            raise RuntimeError(
+            raise UsageError(
                 f'slot {request.slot} allocation {request.allocation} was never received '
                 f'(the scorer process has allocation {allocation})')
         return join_batch(request.structure, [buffer[:request.n] for buffer in buffers])
