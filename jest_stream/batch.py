@@ -10,7 +10,6 @@ shared buffers and the row exchange of global selection all see the same structu
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -39,7 +38,6 @@ __all__ = [
     'check_key',
 ]
 
-logger = logging.getLogger(__name__)
 
 Batch = Any
 

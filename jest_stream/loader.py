@@ -18,7 +18,6 @@ training frameworks can checkpoint it like any DataLoader.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -39,14 +38,13 @@ from jest_stream.criteria import Criterion
 from jest_stream.distributed import GlobalScope, rank_and_world
 from jest_stream.errors import SettingError, StateError, UsageError
 from jest_stream.process import ProcessScoring, check_picklable
-from jest_stream.source import ID_KEY, SuperBatchSource, make_source
+from jest_stream.source import ID_KEY, ReadSettings, SuperBatchSource, make_source
 from jest_stream.step import LocalScope, SelectionStep
 from jest_stream.telemetry import LoaderTelemetry
 from jest_stream.transfer import DevicePrefetcher
 
 __all__ = ['SelectiveLoader', 'super_batch_size_for', 'STATE_VERSION']
 
-logger = logging.getLogger(__name__)
 
 STATE_VERSION = 1
 
@@ -209,8 +207,9 @@ class SelectiveLoader(DataLoader):
         rank, world_size = rank_and_world()
         source = make_source(
             dataset, super_batch_size=config.super_batch_size, shuffle=shuffle, seed=seed,
-            rank=rank, world_size=world_size, num_workers=num_workers, pin_memory=pin_memory,
-            prefetch_factor=prefetch_factor, timeout=config.timeout, id_key=id_key)
+            rank=rank, world_size=world_size, id_key=id_key,
+            read=ReadSettings(num_workers=num_workers, pin_memory=pin_memory,
+                              prefetch_factor=prefetch_factor, timeout=config.timeout))
         samples = source.samples_per_rank()
         if samples == 0:
             raise SettingError('the dataset is empty: there is nothing to select from')
@@ -422,10 +421,7 @@ class SelectiveLoader(DataLoader):
     def _iter_process(self, host_batches: Iterator[Batch], epoch: int, start: int
                       ) -> Iterator[Batch]:
         if self._process is None:
-            self._process = ProcessScoring(
-                step=self.step, settings=self.config.process,
-                super_batch_size=self.super_batch_size, device=self.device,
-                id_key=self.id_key, timeout=self.config.timeout)
+            self._process = ProcessScoring(step=self.step, device=self.device, id_key=self.id_key)
         for index, entry, sub in self._process.iter_epoch(host_batches, epoch, start):
             self._consumed = index + 1
             if sub is None and not self._drop(epoch, index, entry.n):

@@ -370,11 +370,7 @@ def joint_select_incremental(pair_scores: PairScores, n_select: int, *, n_chunks
 
     Args:
         pair_scores (PairScores): Blocks of the pair scores ``A``.
-        n_select (int): Sub-batch size ``b``, at most ``B``.
-        n_chunks (int): Number of chunks (see :func:`chunk_sizes` when it does not divide).
-        temperature (float): Softmax temperature; 0 selects greedily.
-        generator (torch.Generator | None): CPU generator of the noise; None draws a fresh
-            private one.
+        n_select, n_chunks, temperature, generator: As for :func:`joint_select`.
 
     Returns:
         LongTensor[n_select]: Distinct indices into ``B``, in selection order. Memory is
@@ -400,11 +396,7 @@ def joint_select_softmax(conditional: ConditionalScores, n_select: int, *, n_chu
     Args:
         conditional (ConditionalScores): The scores; updated in place as chunks are drawn
             (every chunk but the last is added).
-        n_select (int): Sub-batch size ``b``, at most ``B``.
-        n_chunks (int): Number of chunks (see :func:`chunk_sizes` when it does not divide).
-        temperature (float): Softmax temperature; 0 selects greedily.
-        generator (torch.Generator | None): CPU generator of the noise; None draws a fresh
-            private one.
+        n_select, n_chunks, temperature, generator: As for :func:`joint_select`.
 
     Returns:
         LongTensor[n_select]: Distinct indices into ``B``, in selection order.

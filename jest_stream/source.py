@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,6 +27,7 @@ __all__ = [
     'SuperBatchSource',
     'StreamingSource',
     'MapSource',
+    'ReadSettings',
     'make_source',
 ]
 
@@ -122,6 +124,31 @@ class SuperBatchSource(ABC):
         return None
 
 
+@dataclass(frozen=True)
+class ReadSettings:
+    """How a source's inner ``DataLoader`` reads super-batches.
+
+    Attributes:
+        num_workers (int): Worker processes that read and collate.
+        pin_memory (bool): Page-locked host batches.
+        prefetch_factor (int | None): Super-batches each worker reads ahead.
+        timeout (float): Seconds to wait for a worker's batch (0: no limit).
+    """
+
+    num_workers: int = 0
+    pin_memory: bool = False
+    prefetch_factor: int | None = 2
+    timeout: float = 0.0
+
+    def loader(self, dataset: Dataset, **kwargs: Any) -> DataLoader:
+        """A ``DataLoader`` over ``dataset`` that collates with :func:`collate_samples`."""
+        workers = self.num_workers
+        return DataLoader(dataset, num_workers=workers, collate_fn=collate_samples,
+                          pin_memory=self.pin_memory,
+                          prefetch_factor=self.prefetch_factor if workers else None,
+                          timeout=self.timeout if workers else 0, **kwargs)
+
+
 class StreamingSource(SuperBatchSource):
     """Super-batches from a ``StreamingDataset`` built with ``batch_size=B``.
 
@@ -132,8 +159,8 @@ class StreamingSource(SuperBatchSource):
 
     kind = 'streaming'
 
-    def __init__(self, dataset: StreamingDataset, *, super_batch_size: int, num_workers: int,
-                 pin_memory: bool, prefetch_factor: int | None, timeout: float) -> None:
+    def __init__(self, dataset: StreamingDataset, *, super_batch_size: int,
+                 read: ReadSettings) -> None:
         if dataset.batch_size != super_batch_size:
             raise SettingError(
                 f'StreamingDataset(batch_size={dataset.batch_size}) must equal the super-batch '
@@ -145,11 +172,7 @@ class StreamingSource(SuperBatchSource):
         world = dataset._parallel_rank_world  # noqa: SLF001 - streaming's own view of the ranks
         self.rank = world.rank
         self.world_size = world.num_ranks
-        self._loader = DataLoader(
-            dataset, batch_size=super_batch_size, num_workers=num_workers,
-            collate_fn=collate_samples, pin_memory=pin_memory, drop_last=False,
-            prefetch_factor=prefetch_factor if num_workers else None,
-            timeout=timeout if num_workers else 0)
+        self._loader = read.loader(dataset, batch_size=super_batch_size, drop_last=False)
 
     def samples_per_rank(self) -> int:
         return len(self.dataset)
@@ -226,29 +249,33 @@ class _IndexedDataset(Dataset):
         return (sample, index)
 
 
+@dataclass
 class MapSource(SuperBatchSource):
     """Super-batches from a map-style ``Dataset``, shuffled per epoch by a derived generator.
 
     Each epoch is a permutation of the indices cut into global super-batches of
     ``B * world_size``; rank ``r`` reads the ``r``-th of ``world_size`` equal parts of each,
     so every rank reads the same number of super-batches of the same sizes.
+
+    Attributes:
+        dataset (Dataset): The dataset, its samples carrying their ids.
+        super_batch_size (int): ``B`` per rank.
+        shuffle (bool): Shuffle each epoch.
+        seed (int): Seed of the shuffles (derived per epoch).
+        rank (int): This rank.
+        world_size (int): Ranks.
+        read (ReadSettings): How the inner DataLoader reads.
     """
 
-    kind = 'map'
+    dataset: Dataset
+    super_batch_size: int
+    shuffle: bool
+    seed: int
+    rank: int
+    world_size: int
+    read: ReadSettings
 
-    def __init__(self, dataset: Dataset, *, super_batch_size: int, shuffle: bool, seed: int,
-                 rank: int, world_size: int, num_workers: int, pin_memory: bool,
-                 prefetch_factor: int | None, timeout: float, id_key: str) -> None:
-        self.dataset = _IndexedDataset(dataset, id_key)
-        self.super_batch_size = super_batch_size
-        self.shuffle = shuffle
-        self.seed = seed
-        self.rank = rank
-        self.world_size = world_size
-        self.num_workers = num_workers
-        self.pin_memory = pin_memory
-        self.prefetch_factor = prefetch_factor
-        self.timeout = timeout
+    kind = 'map'
 
     def samples_per_rank(self) -> int:
         return len(self.dataset) // self.world_size
@@ -270,30 +297,26 @@ class MapSource(SuperBatchSource):
 
     def iter_epoch(self, epoch: int, start: int) -> Iterator[Batch]:
         batches = [b for b in self._rank_batches(epoch)[start:] if b]
-        loader = DataLoader(
-            self.dataset, batch_sampler=batches, num_workers=self.num_workers,
-            collate_fn=collate_samples, pin_memory=self.pin_memory,
-            prefetch_factor=self.prefetch_factor if self.num_workers else None,
-            timeout=self.timeout if self.num_workers else 0)
+        loader = self.read.loader(self.dataset, batch_sampler=batches)
         with interrupts_deferred():  # iter() forks the workers
             batches = iter(loader)
         yield from batches
 
 
 def make_source(dataset: Dataset | StreamingDataset, *, super_batch_size: int, shuffle: bool,
-                seed: int, rank: int, world_size: int, num_workers: int, pin_memory: bool,
-                prefetch_factor: int | None, timeout: float, id_key: str) -> SuperBatchSource:
-    """The source that fits ``dataset``: streaming, or map-style with ``__len__``."""
+                seed: int, rank: int, world_size: int, read: ReadSettings,
+                id_key: str | int) -> SuperBatchSource:
+    """The source that fits ``dataset``: streaming, or map-style with ``__len__``.
+
+    Raises:
+        SettingTypeError: ``dataset`` is neither.
+    """
     if isinstance(dataset, StreamingDataset):
-        return StreamingSource(dataset, super_batch_size=super_batch_size,
-                               num_workers=num_workers, pin_memory=pin_memory,
-                               prefetch_factor=prefetch_factor, timeout=timeout)
+        return StreamingSource(dataset, super_batch_size=super_batch_size, read=read)
     if isinstance(dataset, IterableDataset) or not hasattr(dataset, '__len__'):
         raise SettingTypeError(
             f'dataset must be a StreamingDataset or a map-style torch Dataset with __len__, got '
             f'{type(dataset).__name__}; write other iterables as MDS shards with '
             f'streaming.MDSWriter')
-    return MapSource(dataset, super_batch_size=super_batch_size, shuffle=shuffle, seed=seed,
-                     rank=rank, world_size=world_size, num_workers=num_workers,
-                     pin_memory=pin_memory, prefetch_factor=prefetch_factor, timeout=timeout,
-                     id_key=id_key)
+    return MapSource(_IndexedDataset(dataset, id_key), super_batch_size=super_batch_size,
+                     shuffle=shuffle, seed=seed, rank=rank, world_size=world_size, read=read)

@@ -20,7 +20,6 @@ trains it whole, because Composer has already counted it when the algorithm sees
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,8 +39,6 @@ from jest_stream.selection import BatchScores, select, uniform_select
 
 __all__ = ['Selection', 'StepResult', 'SelectionScope', 'LocalScope', 'SelectionStep',
            'score_super_batch']
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass

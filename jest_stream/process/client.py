@@ -26,7 +26,6 @@ the iteration that made them, so results still in flight when an epoch is abando
 
 from __future__ import annotations
 
-import logging
 import os
 import pickle
 import queue
@@ -71,8 +70,6 @@ from jest_stream.process.weights import TensorSpec, WeightsTimeout, WeightSync, 
 from jest_stream.step import SelectionStep
 
 __all__ = ['ProcessScoring']
-
-logger = logging.getLogger(__name__)
 
 
 class _Outbox:
@@ -143,24 +140,22 @@ class ProcessScoring:
     ``__iter__`` delegates each epoch to :meth:`iter_epoch`.
 
     Args:
-        step (SelectionStep): The loader's step: its configuration and scorer go to the
-            scorer process (the learner's tensors come from the shared weights); its
-            handing-over half runs here.
-        settings (ProcessSettings): ``sync_every``, ``max_staleness``, ``prefetch_depth``.
-        super_batch_size (int): ``B``, the rows of a ring slot.
+        step (SelectionStep): The loader's step: its configuration (with the process
+            settings and the timeout of every wait) and its scorer go to the scorer process
+            (the learner's tensors come from the shared weights); its handing-over half runs
+            here.
         device (torch.device): Where batches are scored and delivered (cpu or cuda).
         id_key (str | int): Column or field of the sample ids.
-        timeout (float): Seconds any wait on the scorer process may last.
     """
 
-    def __init__(self, *, step: SelectionStep, settings: ProcessSettings, super_batch_size: int,
-                 device: torch.device, id_key: str | int, timeout: float) -> None:
+    def __init__(self, *, step: SelectionStep, device: torch.device, id_key: str | int
+                 ) -> None:
         self.step = step
-        self.settings = settings
-        self.super_batch_size = super_batch_size
+        self.settings: ProcessSettings = step.config.process
+        self.super_batch_size = step.config.super_batch_size
+        self.timeout = step.config.timeout
         self.device = device
         self.id_key = id_key
-        self.timeout = timeout
         self.startup: dict[str, Any] | None = None
         self._child: Child | None = None
         self._outbox: _Outbox | None = None

@@ -19,8 +19,8 @@ from jest_stream.checks import check_int
 from jest_stream.criteria import Criterion
 from jest_stream.errors import SettingError
 
-__all__ = ['Scorer', 'scoring_mode', 'iter_chunks', 'describe_ids', 'check_chunk_size',
-           'check_transform']
+__all__ = ['Scorer', 'ModelScorer', 'scoring_mode', 'iter_chunks', 'describe_ids',
+           'check_chunk_size', 'check_transform']
 
 
 @runtime_checkable
@@ -82,3 +82,28 @@ def check_transform(forward: Callable | None, input_transform: Callable | None) 
         raise SettingError(
             'input_transform applies to the default forward only; with forward=... apply the '
             'transform inside it (jest_stream.flexi.FlexiForward does, for the learner only)')
+
+
+class ModelScorer:
+    """What the built-in scorers share: a learner, a reference, a scoring forward, chunks.
+
+    Args:
+        learner (nn.Module): The model being trained.
+        reference (Any): A frozen reference model, a table of stored outputs, or None.
+        forward (Callable, optional): ``forward(model, batch) -> outputs``.
+        chunk_size (int, optional): Examples per scoring forward, to bound memory.
+        input_transform (Callable, optional): Applied to the learner's scoring inputs only.
+
+    Raises:
+        SettingError: ``chunk_size`` is not positive, or ``input_transform`` is given beside
+            ``forward``.
+    """
+
+    def __init__(self, learner: nn.Module, reference: Any, *, forward: Callable | None,
+                 chunk_size: int | None, input_transform: Callable | None) -> None:
+        check_transform(forward, input_transform)
+        self.learner = learner
+        self.reference = reference
+        self.forward = forward
+        self.chunk_size = check_chunk_size(chunk_size)
+        self.input_transform = input_transform

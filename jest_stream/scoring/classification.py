@@ -14,19 +14,14 @@ from jest_stream.criteria import Criterion
 from jest_stream.errors import ScoreError, SettingTypeError
 from jest_stream.losses import per_example_cross_entropy
 from jest_stream.scores import PerExampleScores
-from jest_stream.scoring.base import (
-    check_chunk_size,
-    check_transform,
-    iter_chunks,
-    scoring_mode,
-)
+from jest_stream.scoring.base import ModelScorer, iter_chunks, scoring_mode
 from jest_stream.scoring.checks import check_class_targets, check_per_example
 from jest_stream.scoring.reference import require_output, resolve_reference
 
 __all__ = ['ClassificationScorer']
 
 
-class ClassificationScorer:
+class ClassificationScorer(ModelScorer):
     """Per-example losses of a classifier (or anything with a per-example loss).
 
     Targets. With integer targets and logits ``[n, C]`` the targets are checked against the
@@ -63,7 +58,8 @@ class ClassificationScorer:
                  chunk_size: int | None = None,
                  input_transform: Callable[[Tensor], Tensor] | None = None,
                  ignore_index: int | None = -100) -> None:
-        check_transform(forward, input_transform)
+        super().__init__(learner, reference, forward=forward, chunk_size=chunk_size,
+                         input_transform=input_transform)
         check_key(input_key, 'input_key')
         check_key(target_key, 'target_key')
         if not callable(loss_fn):
@@ -71,14 +67,9 @@ class ClassificationScorer:
                                    f'loss_fn(logits, targets) -> Tensor[B]')
         if ignore_index is not None:
             check_int(ignore_index, 'ignore_index')
-        self.learner = learner
-        self.reference = reference
         self.input_key = input_key
         self.target_key = target_key
-        self.forward = forward
         self.loss_fn = loss_fn
-        self.chunk_size = check_chunk_size(chunk_size)
-        self.input_transform = input_transform
         self.ignore_index = ignore_index
 
     def _logits(self, model: nn.Module, chunk: Batch, transform: Callable | None) -> Tensor:

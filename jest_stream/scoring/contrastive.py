@@ -14,12 +14,7 @@ from jest_stream.checks import check_choice
 from jest_stream.criteria import Criterion
 from jest_stream.errors import SettingTypeError
 from jest_stream.scores import Embeddings, SigmoidPairScores, SoftmaxScores
-from jest_stream.scoring.base import (
-    check_chunk_size,
-    check_transform,
-    iter_chunks,
-    scoring_mode,
-)
+from jest_stream.scoring.base import ModelScorer, iter_chunks, scoring_mode
 from jest_stream.scoring.checks import as_embeddings, check_embeddings
 from jest_stream.scoring.reference import require_output, resolve_reference
 from jest_stream.selection import BatchScores
@@ -29,7 +24,7 @@ __all__ = ['ContrastiveScorer', 'CONTRASTIVE_LOSSES']
 CONTRASTIVE_LOSSES = ('sigmoid', 'softmax')
 
 
-class ContrastiveScorer:
+class ContrastiveScorer(ModelScorer):
     """Two-tower (image, text) contrastive models, sigmoid or softmax loss.
 
     The model's outputs are checked on every super-batch: the count of outputs (the
@@ -63,20 +58,16 @@ class ContrastiveScorer:
                  chunk_size: int | None = None,
                  input_transform: Callable[[Tensor], Tensor] | None = None,
                  dtype: torch.dtype = torch.float32) -> None:
+        super().__init__(learner, reference, forward=forward, chunk_size=chunk_size,
+                         input_transform=input_transform)
         check_choice(loss, 'loss', CONTRASTIVE_LOSSES)
-        check_transform(forward, input_transform)
         check_key(image_key, 'image_key')
         check_key(text_key, 'text_key')
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise SettingTypeError(f'dtype={dtype!r} must be a floating torch.dtype')
-        self.learner = learner
-        self.reference = reference
         self.loss = loss
         self.image_key = image_key
         self.text_key = text_key
-        self.forward = forward
-        self.chunk_size = check_chunk_size(chunk_size)
-        self.input_transform = input_transform
         self.dtype = dtype
 
     def _embed(self, model: nn.Module, batch: Batch, n: int, transform: Callable | None,
