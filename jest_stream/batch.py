@@ -236,7 +236,7 @@ def get_column(batch: Batch, key: str | int, *, setting: str) -> Any:
 
     Args:
         batch (Batch): A dict of columns, or a sequence of fields.
-        key (str | int): Column name, or field position.
+        key (str | int): Column name (or a namedtuple's field name), or field position.
         setting (str): The name of the setting that chose ``key`` (named in the error).
 
     Raises:
@@ -248,6 +248,12 @@ def get_column(batch: Batch, key: str | int, *, setting: str) -> Any:
                 f'{setting}={key!r} names no column of the batch; its columns are '
                 f'{sorted(map(str, batch))}. Set {setting} to one of them.')
         return batch[key]
+    if _is_namedtuple(batch) and isinstance(key, str):
+        if key not in batch._fields:
+            raise MissingColumnError(
+                f'{setting}={key!r} names no field of the batch; its fields are '
+                f'{list(batch._fields)}. Set {setting} to one of them.')
+        return getattr(batch, key)
     if isinstance(batch, Sequence) and not isinstance(batch, (str, bytes)):
         if isinstance(key, bool) or not isinstance(key, int) \
                 or not -len(batch) <= key < len(batch):
@@ -305,7 +311,8 @@ def attached_id_key(batch: Batch, id_key: str | int) -> str | int:
     dataset whose samples are tuples gets each sample's index appended as its last field,
     so the ids are the last field (-1).
     """
-    if isinstance(id_key, str) and not isinstance(batch, Mapping):
+    if isinstance(id_key, str) and not isinstance(batch, Mapping) \
+            and not (_is_namedtuple(batch) and id_key in batch._fields):
         return -1
     return id_key
 

@@ -224,9 +224,10 @@ class StreamingSource(SuperBatchSource):
 class _IndexedDataset(Dataset):
     """A map-style dataset whose samples carry a sample id: their own, or their index.
 
-    A dict sample that has an ``id_key`` column, or a tuple sample when ``id_key`` is a field
-    position, keeps its ids. Otherwise the sample's index is the id: added as the column
-    ``id_key`` to a dict, appended as the last field of a tuple.
+    A dict sample that has an ``id_key`` column, a namedtuple with an ``id_key`` field, or a
+    tuple sample when ``id_key`` is a field position, keeps its ids. Otherwise the sample's
+    index is the id: added as the column ``id_key`` to a dict, appended as the last field of
+    a tuple (a namedtuple then becomes a plain tuple).
     """
 
     def __init__(self, dataset: Dataset, id_key: str | int) -> None:
@@ -245,7 +246,9 @@ class _IndexedDataset(Dataset):
             sample[self.id_key] = index
             return sample
         if isinstance(sample, (tuple, list)):
-            return sample if isinstance(self.id_key, int) else (*sample, index)
+            if isinstance(self.id_key, int) or self.id_key in getattr(sample, '_fields', ()):
+                return sample
+            return (*sample, index)
         return (sample, index)
 
 

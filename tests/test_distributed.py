@@ -44,10 +44,11 @@ def _read(out_dir, world):
 
 
 def test_global_selection_equals_one_process_over_the_concatenated_super_batch(tmp_path):
-    spawn(selection_worker, 2, free_port(), tmp_path, 'global', 6, None)
+    spawn(selection_worker, 2, free_port(), tmp_path, 'global', 6, None, True)
     ranks = _read(tmp_path, 2)
-    single, _ = run_steps(make_loader(map_dataset(130), world=1, global_super=40,
-                                      global_batch=8, scope='global'), 6)
+    one = make_loader(map_dataset(130), world=1, global_super=40, global_batch=8,
+                      scope='global', count_flops=True)
+    single, _ = run_steps(one, 6)
     # 130 samples, global super-batch 40: 3 full ones and a partial of 10 (5 per rank).
     assert ranks[0]['len'] == ranks[1]['len'] == 4
     for step in range(6):
@@ -55,6 +56,11 @@ def test_global_selection_equals_one_process_over_the_concatenated_super_batch(t
         assert len(set(ranks[0]['ids'][step]) & set(ranks[1]['ids'][step])) == 0
     metrics = ranks[0]['metrics']
     assert metrics['comm_bytes'] > 0 and metrics['comm_s'] >= 0
+    # count_flops=True counts with global scope too: each rank scores its half of the
+    # global super-batch (the last step's super-batch is a full one in both runs).
+    assert one.metrics['score_flops'] > 0
+    assert ranks[0]['metrics']['score_flops'] == ranks[1]['metrics']['score_flops'] \
+        == one.metrics['score_flops'] // 2
 
 
 def test_global_scope_resumes_exactly_on_a_different_world_size(tmp_path):

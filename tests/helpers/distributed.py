@@ -79,11 +79,11 @@ def run_steps(loader: SelectiveLoader, steps: int, save_at: int | None = None
 
 
 def selection_worker(rank: int, world: int, port: int, out_dir: Path, scope: str,
-                     steps: int, resume_at: int | None) -> None:
+                     steps: int, resume_at: int | None, count_flops: bool = False) -> None:
     """Runs ``steps`` steps (saving the loader state after ``resume_at``) and writes ids."""
     with process_group(rank, world, port):
         loader = make_loader(map_dataset(130), world=world, global_super=40, global_batch=8,
-                             scope=scope)
+                             scope=scope, count_flops=count_flops)
         ids, state = run_steps(loader, steps, save_at=resume_at)
         record = {'ids': ids, 'state': state, 'metrics': loader.metrics, 'len': len(loader)}
         (out_dir / f'rank{rank}.json').write_text(json.dumps(record))
