@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import pickle
 import select
 import signal
@@ -194,6 +195,7 @@ class Child:
         process.join(STOP_GRACE_S)
         if process.is_alive():
             process.terminate()
+            _continue(process.pid)  # a stopped process handles SIGTERM once it runs again
             process.join(STOP_GRACE_S)
         if process.is_alive():
             process.kill()
@@ -205,3 +207,11 @@ class Child:
         else:  # pragma: no cover - a process SIGKILL cannot end (uninterruptible I/O)
             logger.warning('the scorer process (pid %s) did not end after SIGKILL',
                            process.pid)
+
+
+def _continue(pid: int | None) -> None:
+    try:
+        if pid is not None:
+            os.kill(pid, signal.SIGCONT)
+    except OSError:
+        pass

@@ -6,6 +6,10 @@ nothing from mosaicml-streaming.
 
 from __future__ import annotations
 
+import itertools
+import os
+import signal
+import time
 from pathlib import Path
 
 from torch import nn
@@ -42,3 +46,43 @@ class CountingScorer(ClassificationScorer):
 
     def calls(self) -> int:
         return len(self.log.read_text().splitlines()) if self.log.exists() else 0
+
+
+class SlowScorer(ClassificationScorer):
+    """A ``ClassificationScorer`` that takes ``delay`` more seconds per super-batch, and
+    appends a line to ``log`` when it starts each one."""
+
+    def __init__(self, *args, delay: float, log: Path, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.delay = delay
+        self.log = Path(log)
+
+    def __call__(self, batch, sample_ids, criterion):
+        with open(self.log, 'a') as out:
+            out.write(f'{os.getpid()}\n')
+        time.sleep(self.delay)
+        return super().__call__(batch, sample_ids, criterion)
+
+
+class StopInLockScorer(ClassificationScorer):
+    """A ``ClassificationScorer`` whose scorer process stops itself (SIGSTOP) while it holds
+    the control lock of the shared weights, the ``stop_at``-th time it takes it: a debugger,
+    or a frozen container, at the worst moment."""
+
+    def __init__(self, *args, stop_at: int, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.stop_at = stop_at
+
+    def __setstate__(self, state: dict) -> None:
+        # Runs where the scorer is unpickled: in the scorer process.
+        from jest_stream.process.weights import SharedWeights
+
+        self.__dict__.update(state)
+        taken = itertools.count(1)
+        stop_at = self.stop_at
+
+        def stop_when_due() -> None:
+            if next(taken) == stop_at:
+                os.kill(os.getpid(), signal.SIGSTOP)
+
+        SharedWeights.on_locked = stop_when_due
