@@ -372,8 +372,8 @@ class SelectiveLoader(DataLoader):
                     f'(global {state[key] * state["world_size"]}) but this one has {key}={mine} '
                     f'on {world} (global {mine * world}); resume with the same global '
                     f'{key} or selections will not continue exactly')
-        per_epoch = len(self) * world // state['world_size'] if world else len(self)
-        if state['super_batches'] > max(per_epoch, len(self)):
+        # With the same global sizes, an epoch has as many super-batches on any world size.
+        if state['super_batches'] > len(self):
             raise StateError(f'the state says {state["super_batches"]} super-batches of epoch '
                              f'{state["epoch"]} were handed over, but an epoch of this loader '
                              f'has {len(self)}: the state belongs to another dataset')

@@ -11,7 +11,7 @@ from torch.utils.data import TensorDataset
 from helpers.data import features_and_labels
 from helpers.models import tiny_classifier
 from helpers.scorers import RecordingScorer
-from jest_stream import SelectiveLoader
+from jest_stream import SelectiveLoader, StateError
 
 N = 300
 
@@ -122,3 +122,74 @@ def test_load_after_iterating_is_refused(mds_dir, make_streaming):
     next(iter(loader))
     with pytest.raises(RuntimeError, match='fresh loader'):
         loader.load_state_dict(loader.state_dict())
+
+
+# The state is validated completely when it is loaded
+
+def _uniform(dataset, **kwargs):
+    return SelectiveLoader(dataset, batch_size=10, filter_ratio=0.8, criterion='uniform',
+                           seed=1, **kwargs)
+
+
+def _tensors(n: int = 250) -> TensorDataset:
+    x, y = features_and_labels(n)
+    return TensorDataset(torch.from_numpy(x), torch.from_numpy(y))
+
+
+def test_a_whole_checkpoint_is_refused_with_a_pointer_to_the_loader_state():
+    state = _uniform(_tensors()).state_dict()
+    checkpoint = {'model': {}, 'loader': state, 'step': 3}
+    with pytest.raises(StateError, match=r"lacks \[.*whole checkpoint: pass its 'loader'"):
+        _uniform(_tensors()).load_state_dict(checkpoint)
+
+
+@pytest.mark.parametrize('key, value, message', [
+    ('super_batches', -3, r'super_batches=-3; expected an int >= 0'),
+    ('super_batches', 2.5, r'super_batches=2.5; expected an int'),
+    ('epoch', True, r'epoch=True; expected an int'),
+    ('batch_size', 0, r'batch_size=0; expected an int >= 1'),
+    ('world_size', None, r'world_size=None'),
+    ('version', 7, r'version 7 is not 1'),
+    ('source', 'webdataset', r"source='webdataset'"),
+    ('super_batches', 99, r'99 super-batches of epoch 0 were handed over, but an epoch of '
+                          r'this loader has 5'),
+])
+def test_fields_out_of_range_or_of_the_wrong_type_are_refused(key, value, message):
+    state = _uniform(_tensors()).state_dict()
+    state[key] = value
+    with pytest.raises(StateError, match=message):
+        _uniform(_tensors()).load_state_dict(state)
+
+
+def test_a_map_style_state_is_refused_by_a_streaming_loader(mds_dir, make_streaming):
+    state = _uniform(_tensors(300)).state_dict()
+    streaming = _uniform(make_streaming(mds_dir, batch_size=50))
+    with pytest.raises(StateError, match='over a map dataset, but this loader reads a '
+                                         'streaming one'):
+        streaming.load_state_dict(state)
+    # A state without the source field (older files) is told apart by its dataset state.
+    del state['source']
+    with pytest.raises(StateError, match='over a map dataset'):
+        streaming.load_state_dict(state)
+
+
+def test_a_streaming_state_is_refused_by_a_map_style_loader(mds_dir, make_streaming):
+    state = _uniform(make_streaming(mds_dir, batch_size=50)).state_dict()
+    with pytest.raises(StateError, match='over a streaming dataset'):
+        _uniform(_tensors(300)).load_state_dict(state)
+
+
+def test_a_changed_shuffle_seed_is_refused(mds_dir, make_streaming):
+    state = _uniform(make_streaming(mds_dir, batch_size=50, seed=7)).state_dict()
+    other = _uniform(make_streaming(mds_dir, batch_size=50, seed=8))
+    with pytest.raises(StateError, match=r'shuffle_seed=7 but this one has shuffle_seed=8'):
+        other.load_state_dict(state)
+
+
+def test_a_refused_state_changes_nothing():
+    loader = _uniform(_tensors())
+    state = loader.state_dict()
+    state['super_batches'] = -1
+    with pytest.raises(StateError):
+        loader.load_state_dict(state)
+    assert loader.state_dict()['super_batches'] == 0 and len(list(loader)) == len(loader)
