@@ -62,6 +62,7 @@ from jest_stream.selection import (
     topk_select,
     uniform_select,
 )
+from jest_stream.shm import remove_stale_shared_memory
 from jest_stream.step import SelectionStep
 
 __version__ = '0.1.0'
@@ -89,6 +90,7 @@ __all__ = [
     'ProcessSettings',
     'SelectionConfig',
     'SelectionStep',
+    'remove_stale_shared_memory',
     'SettingError',
     'SettingTypeError',
     'StateError',

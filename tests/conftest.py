@@ -11,15 +11,15 @@ from pathlib import Path
 
 import pytest
 from streaming.base.shared.memory import SharedMemory
-from streaming.base.util import clean_stale_shared_memory
 
 from helpers.data import write_mds
 from jest_stream import SampleIdStreamingDataset
+from jest_stream.shm import remove_stale_shared_memory
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
-    # Segments left by a killed earlier run would otherwise collide with this one's.
-    clean_stale_shared_memory()
+    # Segments of killed earlier runs only: streaming jobs running on this machine keep theirs.
+    remove_stale_shared_memory()
 
 
 @pytest.fixture(autouse=True)
