@@ -11,7 +11,13 @@ import torch
 import torch.multiprocessing as torch_mp
 from torch import nn
 
-from jest_stream.process.weights import SharedWeights, StepCounter, WeightsTimeout, state_tensors
+from jest_stream.process.weights import (
+    SharedWeights,
+    StepCounter,
+    WeightsTimeout,
+    WeightSync,
+    state_tensors,
+)
 
 
 def _model(seed: int = 0) -> nn.Module:
@@ -255,3 +261,51 @@ def test_a_dropped_counter_unhooks_itself():
     del counter
     gc.collect()
     assert len(_global_optimizer_post_hooks) == before
+
+
+# Every kind of update reaches the scorer process
+
+def _step(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    model(torch.randn(5, 6)).pow(2).mean().backward()
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+def _update(kind: str, model: nn.Module) -> None:
+    if kind.startswith(('sgd', 'adam', 'adamw')):
+        name, _, flavour = kind.partition('_')
+        options = {'foreach': {'foreach': True}, 'fused': {'fused': True},
+                   'loop': {'foreach': False}}[flavour]
+        cls = {'sgd': torch.optim.SGD, 'adam': torch.optim.Adam, 'adamw': torch.optim.AdamW}[name]
+        _step(model, cls(model.parameters(), lr=0.1, **options))
+    elif kind == 'data_write':
+        model[0].weight.data.add_(0.5)  # invisible to version counters
+    elif kind == 'no_grad_write':
+        with torch.no_grad():
+            model[0].bias.mul_(2.0).add_(1.0)
+    elif kind == 'load_state_dict':
+        model.load_state_dict(_model(7).state_dict())
+    elif kind == 'buffer':
+        model.train()
+        model(torch.randn(5, 6))  # batch-norm statistics move, no parameter does
+
+
+UPDATES = ['sgd_loop', 'sgd_foreach', 'sgd_fused', 'adam_loop', 'adam_foreach', 'adam_fused',
+           'adamw_fused', 'data_write', 'no_grad_write', 'load_state_dict', 'buffer']
+
+
+@pytest.mark.parametrize('kind', UPDATES)
+def test_weight_sync_publishes_every_kind_of_update(kind):
+    model = _model(0)
+    sync = WeightSync(model, sync_every=1, max_staleness=0, prefetch_depth=1, timeout=30)
+    try:
+        assert sync.poll() == 0  # nothing changed yet: nothing counted, nothing published
+        _update(kind, model)
+        assert sync.poll() == 1 and sync.published == 1
+        replica = _tensors(_model(1))
+        assert sync.shared.read_into(replica)[0] == 1
+        for (name, mine), theirs in zip(state_tensors(model), replica, strict=True):
+            assert torch.equal(mine, theirs), name
+        assert sync.poll() == 1  # and counted once
+    finally:
+        sync.close()
