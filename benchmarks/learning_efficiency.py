@@ -12,7 +12,9 @@ Two tasks on real Fashion-MNIST (:mod:`benchmarks.common.tasks`), each read thro
 trained only on a clean 5% split whose outputs over the pool are stored with
 ``jest_stream.annotate`` and read back through ``jest_stream.ReferenceCache``, the path a
 user runs. Every method of a seed starts from the same initialisation and reads the same
-sequence of super-batches; only the selection differs.
+sequence of super-batches; only the selection differs. The uniform baseline reads only the
+``b`` examples it trains on per step, as a loop without selection does, so that its
+wall-clock time is not inflated by reading examples it would throw away.
 
 For each task, filter ratio and method it reports three speed-ups to the target (uniform's
 final accuracy), on the mean curve over seeds and per seed:
@@ -115,6 +117,10 @@ class Method:
             criterion, else :attr:`Config.selection`.
         flexi (bool): Score the learner at ``1 / Config.flexi_factor`` resolution and train
             ``Config.low_fraction`` of every sub-batch at it.
+        reads_super_batches (bool): Read ``B`` examples per step and keep ``b``; False reads
+            only the ``b`` it trains on, as a loop without selection does (the uniform
+            baseline: it would otherwise pay in wall-clock time for reading examples it
+            throws away).
         scorer (Callable, optional): ``scorer(setup, learner, reference, method, config)``
             builds the scorer (``reference`` is the cache, or the live model when FLOPs
             with a live reference are counted); None: the task's scorer.
@@ -132,6 +138,7 @@ class Method:
     criterion: str = 'uniform'
     selection: str | None = None
     flexi: bool = False
+    reads_super_batches: bool = True
     scorer: Callable[..., Any] | None = None
     after_step: Callable[[Any, dict[str, Any]], None] | None = None
     extra_flops: Callable[[Any, dict[str, Any], dict[str, Any]], int] | None = None
@@ -142,18 +149,19 @@ class Method:
         """JSON-ready description: the settings, and the names of the hooks in use."""
         hooks = ('scorer', 'after_step', 'extra_flops', 'loader', 'steps')
         return {'label': self.label, 'criterion': self.criterion, 'selection': self.selection,
-                'flexi': self.flexi, 'hooks': [h for h in hooks if getattr(self, h) is not None]}
+                'flexi': self.flexi, 'reads_super_batches': self.reads_super_batches,
+                'hooks': [h for h in hooks if getattr(self, h) is not None]}
 
 
 METHODS: dict[str, dict[str, Method]] = {
     'classification': {
-        'uniform': Method('uniform'),
+        'uniform': Method('uniform', reads_super_batches=False),
         'hard_learner': Method('hard learner', 'hard_learner'),
         'easy_reference': Method('easy reference', 'easy_reference'),
         'learnability': Method('learnability', 'learnability'),
     },
     'contrastive': {
-        'uniform': Method('uniform'),
+        'uniform': Method('uniform', reads_super_batches=False),
         'independent': Method('independent learnability (sample)', 'learnability', 'sample'),
         'joint': Method('joint learnability (JEST)', 'learnability', 'joint'),
         'flexi_joint': Method('joint, Flexi (low-res scoring, mixed-res training)',
@@ -239,6 +247,10 @@ class Config:
             method = replace(method, selection=default)
         return method
 
+    def drawn(self, method: Method, ratio: float) -> int:
+        """Examples the method reads per step: ``B``, or ``b`` for one that reads no more."""
+        return self.super_batch_size(ratio) if method.reads_super_batches else self.batch_size
+
     def budget(self, method: Method) -> int:
         """The method's step budget."""
         return method.steps(self) if method.steps is not None else self.steps
@@ -274,10 +286,11 @@ def _scorer(setup: TaskSetup, method: Method, learner: nn.Module, reference: Any
 def selective_loader(setup: TaskSetup, method: Method, scorer: Any, ratio: float, seed: int,
                      config: Config) -> SelectiveLoader:
     """A ``SelectiveLoader`` over the task's pool, as a user would build it."""
+    big = config.drawn(method, ratio)
     dataset = open_streaming(lambda: SampleIdStreamingDataset(
-        local=str(setup.pool_dir), batch_size=config.super_batch_size(ratio), shuffle=True,
-        shuffle_seed=seed, num_canonical_nodes=1))
-    return SelectiveLoader(dataset, batch_size=config.batch_size, filter_ratio=ratio,
+        local=str(setup.pool_dir), batch_size=big, shuffle=True, shuffle_seed=seed,
+        num_canonical_nodes=1))
+    return SelectiveLoader(dataset, batch_size=config.batch_size, super_batch_size=big,
                            scorer=scorer, criterion=method.criterion, method=method.selection,
                            n_chunks=config.n_chunks, temperature=config.temperature, seed=seed,
                            num_workers=config.num_workers, batch_transform=_mixed(method, config))
@@ -295,7 +308,7 @@ def configuration_flops(setup: TaskSetup, name: str, ratio: float, config: Confi
         reference adds to scoring) and ``per_step_live_reference``.
     """
     method = config.method(setup.task.name, name)
-    big = config.super_batch_size(ratio)
+    big = config.drawn(method, ratio)
     learner = setup.task.make_learner(0)
     super_batch = {key: value[:big] for key, value in setup.probe.items()}
     sub_batch = {key: value[:config.batch_size] for key, value in super_batch.items()}
@@ -416,6 +429,7 @@ def _summarise_method(mine: list[dict[str, Any]], uniform: dict[int, dict[str, A
         'step_costs': {key: float(np.mean([r['step_costs'][key] for r in mine]))
                        for key in STEP_COSTS},
         'seconds_per_step_mean': float(np.mean([r['seconds_per_step'] for r in mine])),
+        'drawn_per_step': float(np.mean([r['drawn_per_step'] for r in mine])),
         'noisy_fraction_mean': float(np.mean([r['noisy_fraction_overall'] for r in mine])),
     }
 
@@ -483,7 +497,7 @@ def format_table(results: dict[str, Any]) -> str:
             lines.append(f'  {"method":<15} {"final acc":>15} {"steps→":>6} '
                          f'{"speed-up: steps [per seed]":>27} {"FLOPs [per seed]":>25} '
                          f'{"wall [per seed]":>25} | ms/step: {"train":>6} {"score":>6} '
-                         f'{"select":>6} {"wait":>6} {"other":>6} | {"noisy":>5}')
+                         f'{"select":>6} {"wait":>6} {"other":>6} | {"read":>4} {"noisy":>5}')
             for name, m in entry['methods'].items():
                 cost = m['step_costs']
                 lines.append(
@@ -495,7 +509,7 @@ def format_table(results: dict[str, Any]) -> str:
                     f'          {1e3 * cost["train_s"]:6.1f} {1e3 * cost["score_s"]:6.1f} '
                     f'{1e3 * cost["select_s"]:6.1f} {1e3 * cost["wait_s"]:6.1f} '
                     f'{1e3 * (cost["other_s"] + cost["transfer_s"]):6.1f} | '
-                    f'{m["noisy_fraction_mean"]:5.3f}')
+                    f'{m["drawn_per_step"]:4.0f} {m["noisy_fraction_mean"]:5.3f}')
             lines.append('')
     lines.append(
         'steps→: first checkpoint where the mean curve over seeds reaches the target (n/r: not '
@@ -504,8 +518,9 @@ def format_table(results: dict[str, Any]) -> str:
         '(training seconds, evaluation excluded), on the mean curve, then [mean±std over the '
         'seeds that reach their own uniform final, count/seeds]. ms/step: the trainer\'s '
         'forward, backward and optimizer step; the loader\'s scoring, selection and wait for '
-        'data; other: transfer and hand-over. noisy: corrupted labels / mismatched captions '
-        'among the examples trained on.')
+        'data; other: transfer and hand-over. read: examples read per step (uniform reads only '
+        'what it trains on). noisy: corrupted labels / mismatched captions among the examples '
+        'trained on.')
     return '\n'.join(lines)
 
 
@@ -547,7 +562,8 @@ def _legend(results: dict[str, Any], m: dict[str, Any], task: str, name: str) ->
     label = results['methods'][task][name]['label']
     if name == 'uniform':
         return label
-    speedups = ', '.join(f'{_cell(m[f"speedup_{key}"], ".2f")}x {key}'
+    speedups = ', '.join(f'{_cell(m[f"speedup_{key}"], ".2f")}'
+                         f'{"" if m[f"speedup_{key}"] is None else "x"} {key}'
                          for key in ('steps', 'flops', 'wall'))
     return f'{label}: {speedups}'
 
@@ -562,7 +578,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(len(rows), 3, figsize=(16, 4.2 * len(rows)), squeeze=False)
     views = (('steps', 'optimizer step', 'steps'),
              ('flops', 'TFLOPs (stored reference outputs)', 'FLOPs'),
-             ('seconds', 'training seconds (evaluation excluded)', 'wall-clock time'))
+             ('seconds', 'training seconds (evaluation excluded)', 'seconds'))
     for row, (task, ratio) in enumerate(rows):
         entry = results['summary'][task][ratio]
         low = min(min(m['accuracy_mean'][1:]) for m in entry['methods'].values())
@@ -581,7 +597,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
             ax.axhline(results['tasks'][task]['reference_accuracy'], color='tab:olive', ls='--',
                        lw=1, label='reference (clean split)')
             ax.set(xlabel=xlabel, ylabel=TASKS[task].metric, ylim=(max(0.0, low - 0.05), None),
-                   title=f'{task}, f={ratio} (B={entry["super_batch_size"]}): speed-up in {what}')
+                   title=f'{task}, f={ratio}, B={entry["super_batch_size"]}: to target in {what}')
             ax.grid(alpha=0.3)
             if col == 0:
                 ax.legend(fontsize=7, loc='lower right')

@@ -235,7 +235,7 @@ def _plot(record: dict[str, Any], path: Path) -> None:
         sizes_ax.bar(x + offset, [record['sizes'][k][key] for k in kinds], 0.4, label=label)
     sizes_ax.set_xticks(x, kinds)
     sizes_ax.set(ylabel='bytes per sample', yscale='log',
-                 title='reference cache size per sample (float32 loss, float16 embeddings)')
+                 title='size per sample (float32 loss, float16 embeddings)')
     sizes_ax.legend(fontsize=8)
     names = [f'loader, {k.split("_")[0]} reference' for k in record['loader']]
     rates = [v['drawn_samples_per_s'] for v in record['loader'].values()]

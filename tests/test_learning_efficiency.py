@@ -43,6 +43,7 @@ from benchmarks.learning_efficiency import (
 )
 from jest_stream import ReferenceCache, train_step_flops
 
+
 @pytest.fixture(autouse=True)
 def one_torch_thread():
     """One torch thread, as the benchmark runs (it sets it too); the test's own is put back.
@@ -136,6 +137,7 @@ def _run(method: str, seed: int, accuracy: list[float], seconds: list[float]) ->
     return {'task': 'classification', 'method': method, 'ratio': 0.8, 'seed': seed,
             'steps': [0, 10, 20, 30, 40], 'accuracy': accuracy, 'seconds': seconds,
             'train_seconds': seconds[-1], 'seconds_per_step': seconds[-1] / 40,
+            'drawn_per_step': 32 if method == 'uniform' else 160,
             'noisy_fraction_overall': 0.1,
             'step_costs': {key: 0.001 for key in ('train_s', 'score_s', 'select_s', 'wait_s',
                                                   'transfer_s', 'other_s')}}
@@ -254,6 +256,8 @@ def test_smoke_run_on_a_tiny_pool(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
             assert sum(costs.values()) == pytest.approx(summary['seconds_per_step_mean'])
             if name not in ('uniform', 'twice'):
                 assert costs['score_s'] > 0
+            # Uniform reads only what it trains on; selection reads the super-batch.
+            assert summary['drawn_per_step'] == (8 if name in ('uniform', 'twice') else 16)
         flops = saved['flops'][task]['0.5']
         assert flops['uniform']['score'] == 0 == flops['uniform']['reference_forward']
         assert flops['uniform']['per_step'] == flops['uniform']['train']

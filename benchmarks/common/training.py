@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from benchmarks.common.captions import class_prompt_tokens
 from benchmarks.common.data import batch_logits, to_float_images
+from jest_stream.batch import batch_length
 
 __all__ = [
     'LOADER_TIMINGS',
@@ -205,8 +206,10 @@ class _StepCosts:
     def __init__(self) -> None:
         self.totals = dict.fromkeys(STEP_COSTS, 0.0)
         self.steps = 0
+        self.drawn = 0
 
-    def add(self, fetch_s: float, train_s: float, metrics: dict[str, Any]) -> None:
+    def add(self, fetch_s: float, train_s: float, metrics: dict[str, Any], rows: int) -> None:
+        self.drawn += int(metrics.get('drawn', rows))
         loader = {key: float(metrics.get(key, 0.0)) for key in LOADER_TIMINGS}
         self.totals['train_s'] += train_s
         for key, value in loader.items():
@@ -282,7 +285,8 @@ def train_selective(learner: nn.Module, loader: Iterable[dict[str, Any]], *, ste
         ``train_seconds``, ``seconds_per_step`` and ``step_costs``: mean seconds per step of
         ``train_s`` (the trainer's work), ``wait_s``, ``transfer_s``, ``score_s``,
         ``select_s`` (the loader's ``metrics``) and ``other_s`` (the rest of fetching a
-        batch); they add up to ``seconds_per_step``.
+        batch); they add up to ``seconds_per_step``. ``drawn_per_step``: examples read per
+        step (the loader's ``drawn``; the batch's rows for a loader without metrics).
     """
     marks = set(checkpoints) | {steps}
     record: dict[str, Any] = {'steps': [0], 'accuracy': [evaluate(learner)], 'seconds': [0.0]}
@@ -303,7 +307,8 @@ def train_selective(learner: nn.Module, loader: Iterable[dict[str, Any]], *, ste
                 after_step(batch)
             done = time.perf_counter()
             elapsed += done - started
-            costs.add(fetched - started, done - fetched, getattr(loader, 'metrics', {}))
+            costs.add(fetched - started, done - fetched, getattr(loader, 'metrics', {}),
+                      batch_length(batch))
             noise.add(batch)
             bar.update()
             if step in marks:
@@ -316,4 +321,5 @@ def train_selective(learner: nn.Module, loader: Iterable[dict[str, Any]], *, ste
     record['train_seconds'] = elapsed
     record['seconds_per_step'] = elapsed / steps
     record['step_costs'] = costs.means()
+    record['drawn_per_step'] = costs.drawn / steps
     return record
