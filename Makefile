@@ -22,7 +22,12 @@ $(STAMP): pyproject.toml
 data:
 	@bash scripts/ensure-fashion-mnist.sh
 
-demo: $(STAMP) data
+demo:
+	@echo 'make demo: first builds a virtual environment of several GB in $(VENV) (6.4 GB here:'
+	@echo 'torch, Composer, mosaicml-streaming; only the first time) and the Fashion-MNIST pool as'
+	@echo 'MDS shards under data/ (once); then trains a small CNN on the noisy pool with uniform'
+	@echo 'sampling and with learnability selection: about 2 minutes on two CPU cores.'
+	@$(MAKE) --no-print-directory venv data
 	$(PY) -m benchmarks.demo
 
 test: $(STAMP) data
