@@ -648,7 +648,8 @@ def describe(config: Config) -> str:
     methods = '; '.join(f'{t}: {", ".join(config.method_names(t))}' for t in config.tasks)
     return (f'{runs} training runs of {config.steps} steps (sub-batches of {config.batch_size}; '
             f'filter ratios {", ".join(map(str, config.ratios))}; seeds '
-            f'{", ".join(map(str, config.seeds))}; {methods}). First: the Fashion-MNIST pool '
+            f'{", ".join(map(str, config.seeds))}; {methods}; uniform reads only the examples it '
+            f'trains on, the others read the whole super-batch). First: the Fashion-MNIST pool '
             f'as MDS shards (built once), a reference per task trained on the clean split, '
             f'and its outputs over the pool stored with jest_stream.annotate into a reference '
             f'cache that the scorers read.')

@@ -205,22 +205,25 @@ class _StepCosts:
 
     def __init__(self) -> None:
         self.totals = dict.fromkeys(STEP_COSTS, 0.0)
+        self.fetch_s = 0.0
         self.steps = 0
         self.drawn = 0
 
     def add(self, fetch_s: float, train_s: float, metrics: dict[str, Any], rows: int) -> None:
         self.drawn += int(metrics.get('drawn', rows))
-        loader = {key: float(metrics.get(key, 0.0)) for key in LOADER_TIMINGS}
+        self.fetch_s += fetch_s
         self.totals['train_s'] += train_s
-        for key, value in loader.items():
-            self.totals[key] += value
-        # What fetching a batch cost beyond the loader's own timings: hand-over, telemetry,
-        # the batch transform, and for loaders without metrics everything.
-        self.totals['other_s'] += max(0.0, fetch_s - sum(loader.values()))
+        for key in LOADER_TIMINGS:
+            self.totals[key] += float(metrics.get(key, 0.0))
         self.steps += 1
 
     def means(self) -> dict[str, float]:
-        return {key: value / max(self.steps, 1) for key, value in self.totals.items()}
+        totals = dict(self.totals)
+        # What fetching batches cost beyond the loader's own timings: hand-over, telemetry,
+        # the batch transform; for loaders without metrics, everything. Over the whole run,
+        # as a loader may time work for one batch while handing over another.
+        totals['other_s'] = max(0.0, self.fetch_s - sum(totals[k] for k in LOADER_TIMINGS))
+        return {key: value / max(self.steps, 1) for key, value in totals.items()}
 
 
 class _NoiseCounter:
