@@ -8,7 +8,7 @@ Run it from the repository root::
     python -m benchmarks.data_path --threads 1   # one torch thread in the main process
 
 Three ways of reading the real Fashion-MNIST pool (57,000 images as MDS shards, built
-once by :func:`benchmarks.fashion_mnist.prepare` under ``data/fashion-mnist``) in
+once by :func:`benchmarks.common.data.prepare` under ``data/fashion-mnist``) in
 super-batches of ``B = 320`` (sub-batches of 64, filter ratio 0.8), with the same
 ``StreamingDataset`` settings and the same number of DataLoader workers:
 
