@@ -47,9 +47,11 @@ from jest_stream.scoring import (
     ClassificationScorer,
     ColumnReference,
     ContrastiveScorer,
+    LanguageModelScorer,
     ReferenceTable,
     Scorer,
     freeze,
+    sequence_losses,
 )
 from jest_stream.selection import (
     SELECTION_METHODS,
@@ -105,6 +107,7 @@ __all__ = [
     'collate_samples',
     'ColumnReference',
     'ContrastiveScorer',
+    'LanguageModelScorer',
     'count_flops',
     'CRITERIA',
     'Criterion',
@@ -130,6 +133,7 @@ __all__ = [
     'PerExampleScores',
     'ReferenceTable',
     'sample_select',
+    'sequence_losses',
     'SampleIdStreamingDataset',
     'score_flops',
     'ScoreError',

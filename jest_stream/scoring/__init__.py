@@ -9,8 +9,8 @@ with a ``learner`` attribute (the module whose weights it reads, or None).
 - :mod:`~jest_stream.scoring.base`: the protocol, scoring mode, chunking;
 - :mod:`~jest_stream.scoring.checks`: checks of model outputs and scores;
 - :mod:`~jest_stream.scoring.reference`: live and stored references;
-- :mod:`~jest_stream.scoring.classification`, :mod:`~jest_stream.scoring.contrastive`:
-  the scorers.
+- :mod:`~jest_stream.scoring.classification`, :mod:`~jest_stream.scoring.contrastive`,
+  :mod:`~jest_stream.scoring.language_model`: the scorers.
 """
 
 from jest_stream.errors import ScoreError
@@ -18,6 +18,7 @@ from jest_stream.scoring.base import Scorer, scoring_mode
 from jest_stream.scoring.checks import as_batch_scores, check_embeddings, check_per_example
 from jest_stream.scoring.classification import ClassificationScorer
 from jest_stream.scoring.contrastive import ContrastiveScorer
+from jest_stream.scoring.language_model import LanguageModelScorer, sequence_losses
 from jest_stream.scoring.reference import (
     ColumnReference,
     ReferenceTable,
@@ -30,6 +31,7 @@ __all__ = [
     'ClassificationScorer',
     'ColumnReference',
     'ContrastiveScorer',
+    'LanguageModelScorer',
     'ReferenceTable',
     'ScoreError',
     'Scorer',
@@ -40,4 +42,5 @@ __all__ = [
     'require_output',
     'resolve_reference',
     'scoring_mode',
+    'sequence_losses',
 ]
