@@ -15,11 +15,14 @@ import time
 from pathlib import Path
 
 import pytest
+import streaming.base.dataset
+import streaming.base.shared.prefix
 import torch
 import torch.nn.functional as F
-from conftest import N_CLASSES, N_FEATURES, features_and_labels, tiny_classifier, write_mds
 from torch import Tensor, nn
 
+from helpers.data import N_CLASSES, N_FEATURES, features_and_labels, write_mds
+from helpers.models import tiny_classifier
 from jest_stream import ClassificationScorer, ContrastiveScorer, SelectiveLoader
 from jest_stream.annotate import annotate
 from jest_stream.cache import IncompleteCache, ReferenceCache, model_checksum
@@ -27,6 +30,15 @@ from jest_stream.cli import main
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
+
+
+@pytest.fixture(autouse=True)
+def streaming_lock_files_in_tmp_path(tmp_path, monkeypatch):
+    """Keep the lock files of this test's StreamingDatasets in its folder, not in /tmp."""
+    locks = tmp_path / 'streaming-locks'
+    locks.mkdir()
+    for module in (streaming.base.dataset, streaming.base.shared.prefix):
+        monkeypatch.setattr(module, 'gettempdir', lambda: str(locks))
 
 
 class SlowLinear(nn.Linear):

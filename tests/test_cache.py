@@ -1,4 +1,8 @@
-"""The reference cache store: round trips, fingerprints, and loud failures of every kind."""
+"""The reference cache store: round trips, fingerprints, and loud failures of every kind.
+
+Every byte of both on-disk formats is checked: a damaged manifest or part raises a
+CacheError naming the file, never another exception and never a wrong value.
+"""
 
 from __future__ import annotations
 
@@ -9,25 +13,42 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import streaming.base.dataset
+import streaming.base.shared.prefix
 import torch
-from conftest import tiny_classifier, write_mds
 from torch.utils.data import DataLoader, Dataset
 
+from helpers.data import write_mds
+from helpers.models import tiny_classifier
 from jest_stream import ContrastiveScorer, get_criterion
 from jest_stream.cache import (
     CacheError,
+    CacheFolderNotEmpty,
     CacheWriter,
+    CorruptManifest,
     CorruptPart,
     Fingerprint,
     FingerprintMismatch,
     IncompleteCache,
+    OutputMismatch,
     ReferenceCache,
     dataset_fingerprint,
     model_checksum,
 )
+from jest_stream.cache.format import encode_manifest
+from jest_stream.errors import JestStreamError
 
 MODEL = 'a' * 64
 TRANSFORM = 'raw-x'
+
+
+@pytest.fixture(autouse=True)
+def streaming_lock_files_in_tmp_path(tmp_path, monkeypatch):
+    """Keep the lock files of this test's StreamingDatasets in its folder, not in /tmp."""
+    locks = tmp_path / 'streaming-locks'
+    locks.mkdir()
+    for module in (streaming.base.dataset, streaming.base.shared.prefix):
+        monkeypatch.setattr(module, 'gettempdir', lambda: str(locks))
 
 
 @pytest.fixture
@@ -49,15 +70,15 @@ def build(path: Path, dataset: Path, *, group: str = 'loss', part_size: int = 32
     """A cache of ``n`` samples written part by part; returns the arrays it holds."""
     fingerprint = Fingerprint(dataset=dataset_fingerprint(dataset), model=model,
                               transform=transform)
-    writer = CacheWriter(path, fingerprint=fingerprint, num_samples=n, group=group,
-                         part_size=part_size)
     arrays = outputs_for(n, group)
     constants = {'temperature': 10.0, 'bias': -2.5} if group == 'embeddings' else None
-    for part in range(writer.num_parts) if parts is None else parts:
-        start, stop = writer.part_range(part)
-        writer.write_part(part, {k: v[start:stop] for k, v in arrays.items()}, constants)
-    if finish:
-        writer.finish()
+    with CacheWriter(path, fingerprint=fingerprint, num_samples=n, group=group,
+                     part_size=part_size) as writer:
+        for part in range(writer.num_parts) if parts is None else parts:
+            start, stop = writer.part_range(part)
+            writer.write_part(part, {k: v[start:stop] for k, v in arrays.items()}, constants)
+        if finish:
+            writer.finish()
     return arrays
 
 
@@ -123,11 +144,23 @@ def test_none_skips_a_check_only_when_given_explicitly(tmp_path, dataset_dir):
         ReferenceCache(tmp_path / 'ref', dataset=dataset_dir)  # no silent default
 
 
+def test_a_cache_of_format_version_1_asks_to_re_annotate(tmp_path, dataset_dir):
+    build(tmp_path / 'ref', dataset_dir)
+    manifest = json.loads((tmp_path / 'ref' / 'manifest.json').read_text())
+    del manifest['digest']  # version 1 had none
+    manifest['format_version'] = manifest['fingerprint']['format_version'] = 1
+    (tmp_path / 'ref' / 'manifest.json').write_text(json.dumps(manifest))
+    with pytest.raises(FingerprintMismatch, match='format version 1;.*Re-annotate'):
+        open_cache(tmp_path / 'ref', dataset_dir)
+    with pytest.raises(FingerprintMismatch, match='format version 1'):  # nor continued
+        build(tmp_path / 'ref', dataset_dir)
+
+
 def test_another_format_version_is_refused(tmp_path, dataset_dir):
     build(tmp_path / 'ref', dataset_dir)
     manifest = json.loads((tmp_path / 'ref' / 'manifest.json').read_text())
     manifest['format_version'] = 99
-    (tmp_path / 'ref' / 'manifest.json').write_text(json.dumps(manifest))
+    (tmp_path / 'ref' / 'manifest.json').write_bytes(encode_manifest(manifest))
     with pytest.raises(FingerprintMismatch, match='format version 99'):
         open_cache(tmp_path / 'ref', dataset_dir)
 
@@ -178,11 +211,13 @@ def damage(file: Path, how: str) -> None:
         file.write_bytes(b'')
     elif how == 'header':
         file.write_bytes(bytes(data[:20]))
+    elif how == 'trailing':
+        file.write_bytes(bytes(data) + b'\0' * 7)
 
 
 @pytest.mark.parametrize('how, message', [
     ('truncated', 'truncated'), ('flipped', 'checksum'), ('empty', 'magic'),
-    ('header', 'damaged header'),
+    ('header', 'truncated'), ('trailing', '7 bytes after its end'),
 ])
 def test_a_damaged_part_raises_at_first_use(tmp_path, dataset_dir, how, message):
     build(tmp_path / 'ref', dataset_dir)
@@ -227,8 +262,9 @@ def test_the_writer_refuses_to_mix_annotations(tmp_path, dataset_dir):
                     part_size=32)
     (tmp_path / 'busy').mkdir()
     (tmp_path / 'busy' / 'notes.txt').write_text('mine')
-    with pytest.raises(FileExistsError, match='not empty'):
+    with pytest.raises(CacheFolderNotEmpty, match='not empty .*notes.txt') as error:
         CacheWriter(tmp_path / 'busy', fingerprint=fingerprint, num_samples=100, group='loss')
+    assert isinstance(error.value, FileExistsError)
 
 
 def test_the_writer_checks_shapes_and_constants(tmp_path, dataset_dir):
@@ -238,15 +274,20 @@ def test_the_writer_checks_shapes_and_constants(tmp_path, dataset_dir):
                          group='embeddings', part_size=50)
     emb = outputs_for(100, 'embeddings')
     writer.write_part(0, {k: v[:50] for k, v in emb.items()}, {'temperature': 1.0, 'bias': 0.0})
-    with pytest.raises(ValueError, match='temperature was 1.0'):
+    with pytest.raises(OutputMismatch, match='temperature was 1.0'):
         writer.write_part(1, {k: v[50:] for k, v in emb.items()},
                           {'temperature': 2.0, 'bias': 0.0})
     wider = outputs_for(100, 'embeddings', d=7)
-    with pytest.raises(ValueError, match=r'shape \[7\]'):
+    with pytest.raises(OutputMismatch, match=r'shape \[7\]'):
         writer.write_part(1, {k: v[50:] for k, v in wider.items()},
                           {'temperature': 1.0, 'bias': 0.0})
+    nan = {k: v[50:].copy() for k, v in emb.items()}
+    nan['text_emb'][3, 1] = np.nan
+    with pytest.raises(OutputMismatch, match='NaN or inf'):
+        writer.write_part(1, nan, {'temperature': 1.0, 'bias': 0.0})
     with pytest.raises(IncompleteCache, match=r'parts \[1\]'):
         writer.finish()
+    writer.close()
 
 
 def test_decompressed_parts_are_bounded_in_memory(tmp_path, dataset_dir):
@@ -284,3 +325,109 @@ def test_pickles_and_reads_in_dataloader_workers(tmp_path, dataset_dir):
     loader = DataLoader(_Lookup(cache), batch_size=25, num_workers=2)
     values = torch.cat([batch.flatten() for batch in loader])
     assert torch.equal(values, torch.from_numpy(arrays['loss']))
+
+
+def test_cache_errors_are_jest_stream_errors():
+    assert issubclass(CacheError, JestStreamError) and issubclass(CacheError, RuntimeError)
+    for kind in (FingerprintMismatch, IncompleteCache, CorruptPart, CorruptManifest,
+                 CacheFolderNotEmpty, OutputMismatch):
+        assert issubclass(kind, CacheError)
+
+
+# --- damage: every byte of every file is checked ----------------------------------------
+
+def _stored(cache: ReferenceCache, n: int) -> dict:
+    """Everything a reader hands out: arrays as (dtype, shape, bytes), and the constants."""
+    out = cache.outputs(None, torch.arange(n))
+    return {kind: (value.dtype, tuple(value.shape), value.numpy().tobytes())
+            if isinstance(value, torch.Tensor) else value for kind, value in out.items()}
+
+
+@pytest.mark.parametrize('group', ['loss', 'embeddings'])
+@pytest.mark.parametrize('target', ['manifest.json', 'parts/part-000000.bin'])
+def test_every_single_bit_flip_raises_a_cache_error_or_reads_exactly(tmp_path, group, target):
+    dataset = write_mds(tmp_path / 'mds', 4)
+    n = 3
+    fingerprint = Fingerprint(dataset=dataset_fingerprint(dataset), model=MODEL,
+                              transform=TRANSFORM)
+    with CacheWriter(tmp_path / 'ref', fingerprint=fingerprint, num_samples=n, group=group,
+                     part_size=n) as writer:
+        writer.write_part(0, outputs_for(n, group, d=2),
+                          {'temperature': 10.0, 'bias': -2.5} if group == 'embeddings' else None)
+        writer.finish()
+    baseline = _stored(open_cache(tmp_path / 'ref', dataset), n)
+    file = tmp_path / 'ref' / target
+    original = file.read_bytes()
+    detected, wrong = 0, []
+    for bit in range(len(original) * 8):
+        damaged = bytearray(original)
+        damaged[bit // 8] ^= 1 << (bit % 8)
+        file.write_bytes(bytes(damaged))
+        try:
+            values = _stored(open_cache(tmp_path / 'ref', dataset), n)
+        except CacheError as error:
+            assert str(file.name) in str(error), (bit, str(error))
+            detected += 1
+            continue
+        except Exception as error:  # noqa: BLE001 - any other exception is the failure sought
+            wrong.append((bit, repr(error)))
+            continue
+        if values != baseline:
+            wrong.append((bit, 'read back different values without an error'))
+    assert not wrong, wrong[:10]
+    assert detected == len(original) * 8  # every flip is detected, none is silently accepted
+
+
+def test_a_byte_swapped_dtype_is_never_read(tmp_path, dataset_dir):
+    build(tmp_path / 'ref', dataset_dir)
+    file = tmp_path / 'ref' / 'manifest.json'
+    text = file.read_bytes()
+    assert text.count(b'"<f4"') == 1
+    file.write_bytes(text.replace(b'"<f4"', b'">f4"'))  # one bit: '<' ^ 0x02 == '>'
+    with pytest.raises(CorruptManifest, match='fails its digest'):
+        open_cache(tmp_path / 'ref', dataset_dir)
+    # Even a manifest whose digest was recomputed must store what the format requires.
+    manifest = json.loads(text)
+    manifest['outputs']['loss']['dtype'] = '>f4'
+    file.write_bytes(encode_manifest(manifest))
+    with pytest.raises(CorruptManifest, match="loss is stored as '>f4'.*'<f4'"):
+        open_cache(tmp_path / 'ref', dataset_dir)
+
+
+@pytest.mark.parametrize('change, message', [
+    (lambda m: m['outputs']['loss'].update(shape=[2]), r'per-sample shape \[2\], not \[\]'),
+    (lambda m: m.update(part_size=0), 'part_size=0 is not a positive integer'),
+    (lambda m: m.update(extra=1), 'its fields are'),
+    (lambda m: m.update(group='embeddings'), r"outputs must be exactly \['image_emb'"),
+    (lambda m: m['constants'].update(bias=1.0), r"constants must be a subset of \[\]"),
+    (lambda m: m.update(complete='yes'), 'complete is not a boolean'),
+    (lambda m: m['fingerprint'].update(model=''), 'model is not a non-empty string'),
+])
+def test_a_manifest_breaking_the_schema_is_refused(tmp_path, dataset_dir, change, message):
+    build(tmp_path / 'ref', dataset_dir)
+    file = tmp_path / 'ref' / 'manifest.json'
+    manifest = json.loads(file.read_text())
+    change(manifest)
+    file.write_bytes(encode_manifest(manifest))
+    with pytest.raises(CorruptManifest, match=message) as error:
+        open_cache(tmp_path / 'ref', dataset_dir)
+    assert 'manifest.json is damaged' in str(error.value)
+
+
+def test_embedding_constants_must_be_finite_and_shapes_known_when_complete(tmp_path,
+                                                                          dataset_dir):
+    build(tmp_path / 'ref', dataset_dir, group='embeddings')
+    file = tmp_path / 'ref' / 'manifest.json'
+    manifest = json.loads(file.read_text())
+    file.write_bytes(file.read_bytes().replace(b'10.0', b'1e999'))
+    with pytest.raises(CorruptManifest, match='not ASCII JSON'):
+        open_cache(tmp_path / 'ref', dataset_dir)
+    manifest['constants']['temperature'] = 10  # an int: not what the writer stores
+    file.write_bytes(encode_manifest(manifest))
+    with pytest.raises(CorruptManifest, match='temperature=10 is not a finite float'):
+        open_cache(tmp_path / 'ref', dataset_dir)
+    manifest['constants']['temperature'] = 10.0
+    manifest['outputs']['text_emb']['shape'] = None
+    file.write_bytes(encode_manifest(manifest))
+    with pytest.raises(CorruptManifest, match='marked complete but the shape of text_emb'):
+        open_cache(tmp_path / 'ref', dataset_dir)
