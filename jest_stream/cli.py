@@ -5,6 +5,7 @@ the subparsers and sets ``run(args) -> exit status``. Add a command by writing o
 such function and listing it there.
 
     jest-stream annotate   a reference model's outputs for every sample, into a cache
+    jest-stream validate   check every shard and sample of a local MDS dataset
 """
 
 from __future__ import annotations
@@ -15,13 +16,15 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from jest_stream.cache import DEFAULT_PART_SIZE, OUTPUT_GROUPS, CacheError
+from jest_stream.cache import DEFAULT_PART_SIZE, OUTPUT_GROUPS
+from jest_stream.errors import JestStreamError
 
 __all__ = ['main', 'build_parser', 'COMMANDS']
 
 # Errors that come from the user's settings or files: shown as one message, no traceback.
-_USER_ERRORS = (CacheError, ValueError, KeyError, ImportError, FileNotFoundError,
-                FileExistsError)
+# Every error jest_stream raises is a JestStreamError; an OSError names the file it could
+# not open (a --checkpoint that does not exist).
+_USER_ERRORS = (JestStreamError, OSError)
 
 
 def _add_annotate(subparsers: argparse._SubParsersAction) -> None:
@@ -65,6 +68,9 @@ def _add_annotate(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument('--workers', type=int, default=2, help='DataLoader workers reading samples')
     run.add_argument('--device', default='cpu', help='device of the model, e.g. cuda:0')
     run.add_argument('--no-progress', action='store_true', help='no progress bar')
+    run.add_argument('--lock-timeout', type=float, default=0.0, metavar='SECONDS',
+                     help='when another run writes the same --out, wait this long for it to '
+                     'finish (default 0: refuse at once, naming the other run)')
     run.add_argument('--keep-shared-memory', action='store_true',
                      help="do not clear streaming's stale shared memory at start (set it when "
                      'other streaming jobs run on this machine: clearing would break them)')
@@ -77,7 +83,7 @@ def _run_annotate(args: argparse.Namespace) -> int:
 
         # A killed earlier run may have left segments that would collide with this one's.
         clean_stale_shared_memory()
-    from jest_stream.annotate import annotate, import_object, load_model
+    from jest_stream.cache import annotate, import_object, load_model
 
     reference = load_model(args.model, checkpoint=args.checkpoint, kwargs=args.model_kwargs)
     forward = import_object(args.forward) if args.forward else None
@@ -88,6 +94,7 @@ def _run_annotate(args: argparse.Namespace) -> int:
             input_key=args.input_key, target_key=args.target_key, image_key=args.image_key,
             text_key=args.text_key, batch_size=args.batch_size, num_workers=args.workers,
             device=args.device, part_size=args.part_size, progress=not args.no_progress,
+            lock_timeout=args.lock_timeout,
             info={'model': args.model, 'checkpoint': args.checkpoint, 'forward': args.forward})
     except KeyboardInterrupt:
         print('interrupted: finished parts are kept; run the same command again to continue',
@@ -104,7 +111,60 @@ def _run_annotate(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (_add_annotate,)
+def _add_validate(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        'validate', help='check every shard and sample of a local MDS dataset',
+        description=(
+            'Check an MDS dataset folder: index.json parses and matches the shard files '
+            'present; each shard has its recorded size, hashes (when the index records them), '
+            'a sound offsets table and column config; every sample has the size its columns '
+            'need and decodes. Prints one line per shard and exits with status 1 naming each '
+            'damaged shard and sample.'))
+    parser.add_argument('path', metavar='DIR', help='the folder holding index.json')
+    parser.add_argument('--allow-unsafe-types', action='store_true',
+                        help='decode pickled columns too (runs the pickled code)')
+    parser.add_argument('--no-progress', action='store_true', help='no progress bar')
+    parser.add_argument('--samples-shown', type=int, default=8, metavar='N',
+                        help='bad samples listed per shard (default 8)')
+    parser.set_defaults(run=_run_validate)
+
+
+def _run_validate(args: argparse.Namespace) -> int:
+    from jest_stream.shards import validate_mds
+
+    report = validate_mds(args.path, allow_unsafe_types=args.allow_unsafe_types,
+                          progress=not args.no_progress)
+    for shard in report.shards:
+        checked = '+'.join(shard.hashes) if shard.hashes else 'no hash'
+        status = 'ok' if shard.ok else 'DAMAGED'
+        print(f'{shard.name}  {shard.samples} samples  {shard.bytes} bytes  {checked}  {status}')
+    for problem in report.problems:
+        print(f'{report.path}: {problem}', file=sys.stderr)
+    if report.shards and not report.hashes_recorded:
+        print(f'note: {report.path}/index.json does not record a hash for every shard (written '
+              f'without MDSWriter(hashes=[...])): they were checked by size, structure and '
+              f'decoding only', file=sys.stderr)
+    for shard in report.bad_shards:
+        for problem in shard.problems:
+            print(f'{shard.name}: {problem}', file=sys.stderr)
+        for index, problem in shard.bad_samples[:args.samples_shown]:
+            print(f'{shard.name}: sample {index}: {problem}', file=sys.stderr)
+        if len(shard.bad_samples) > args.samples_shown:
+            print(f'{shard.name}: ... {len(shard.bad_samples) - args.samples_shown} more bad '
+                  f'samples', file=sys.stderr)
+    bad = report.bad_shards
+    print(f'{len(report.shards)} shards, {report.num_samples} samples: '
+          f'{len(report.shards) - len(bad)} ok, {len(bad)} damaged')
+    if report.ok:
+        return 0
+    names = ', '.join(shard.name for shard in bad) or 'the index'
+    print(f'jest-stream: error: {report.path} is damaged ({names}); re-download or rewrite '
+          f'the damaged shards', file=sys.stderr)
+    return 1
+
+
+COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (_add_annotate,
+                                                                       _add_validate)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,7 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.run(args)
     except _USER_ERRORS as error:
-        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        message = ' '.join(line.strip() for line in str(error).splitlines()) or repr(error)
         print(f'jest-stream: error: {message}', file=sys.stderr)
         return 1
 
