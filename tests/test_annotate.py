@@ -246,13 +246,15 @@ def test_sigkill_then_rerun_continues_and_matches_an_uninterrupted_run(tmp_path)
     process = subprocess.Popen(_cli(tmp_path, mds, out, delay=0.1), env=env, cwd=REPO,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                start_new_session=True)
-    deadline = time.monotonic() + 60
-    while len(list((out / 'parts').glob('part-*.bin'))) < 3:
-        assert process.poll() is None, process.communicate()
-        assert time.monotonic() < deadline, 'the annotation wrote no parts in 60 s'
-        time.sleep(0.02)
-    os.killpg(process.pid, signal.SIGKILL)  # the CLI and its DataLoader workers
-    process.communicate()
+    try:
+        deadline = time.monotonic() + 60
+        while len(list((out / 'parts').glob('part-*.bin'))) < 3:
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, 'the annotation wrote no parts in 60 s'
+            time.sleep(0.02)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)  # the CLI and its DataLoader workers
+        process.communicate()
     # SIGKILL skips streaming's clean-up at exit. Remove exactly what the killed run left
     # (clean_stale_shared_memory would also clear the segments of other live processes,
     # and may already have cleared these).

@@ -209,20 +209,27 @@ def test_two_annotation_runs_into_one_folder(tmp_path):
     out = tmp_path / 'ref'
     # The first run writes one part (two batches), then waits for the gate file.
     first = subprocess.Popen(_annotate(tmp_path, mds, out, free_calls=2), env=env, cwd=REPO,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while not list((out / 'parts').glob('part-*.bin')):
-        assert first.poll() is None, first.communicate()
-        assert time.monotonic() < deadline, 'the first run wrote no part in 60 s'
-        time.sleep(0.02)
-    second = subprocess.run(_annotate(tmp_path, mds, out, free_calls=100), env=env, cwd=REPO,
-                            capture_output=True, text=True, timeout=120)
-    assert second.returncode == 1
-    assert second.stderr.startswith('jest-stream: error:') and 'Traceback' not in second.stderr
-    assert str(out) in second.stderr and f'pid {first.pid}' in second.stderr
-    assert first.poll() is None  # the first run is still at work, and goes on
-    (tmp_path / 'gate').touch()
-    stdout, stderr = first.communicate(timeout=120)
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not list((out / 'parts').glob('part-*.bin')):
+            assert first.poll() is None, first.communicate()
+            assert time.monotonic() < deadline, 'the first run wrote no part in 60 s'
+            time.sleep(0.02)
+        second = subprocess.run(_annotate(tmp_path, mds, out, free_calls=100), env=env,
+                                cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert second.returncode == 1
+        assert second.stderr.startswith('jest-stream: error:')
+        assert 'Traceback' not in second.stderr
+        assert str(out) in second.stderr and f'pid {first.pid}' in second.stderr
+        assert first.poll() is None  # the first run is still at work, and goes on
+        (tmp_path / 'gate').touch()
+        stdout, stderr = first.communicate(timeout=120)
+    finally:
+        if first.poll() is None:  # the test failed half way: leave no process behind
+            os.killpg(first.pid, signal.SIGTERM)
+            first.communicate(timeout=60)
     assert first.returncode == 0, stderr
     assert '8 parts written, 0 already done' in stdout
     again = subprocess.run(_annotate(tmp_path, mds, out, free_calls=0), env=env, cwd=REPO,
