@@ -23,6 +23,7 @@ from torch import Tensor
 from jest_stream.batch import Batch, gather, map_columns
 from jest_stream.errors import DataError
 from jest_stream.selection import BatchScores
+from jest_stream.step import Selection
 
 __all__ = ['CommStats', 'GlobalScope', 'all_gather_rows', 'exchange_rows', 'rank_and_world']
 
@@ -124,24 +125,29 @@ class GlobalScope:
         self.comm = CommStats()
         self._last = CommStats()
         self._canonical_ids: Tensor | None = None
+        self._order: Tensor | None = None
 
     def candidates(self, scores: BatchScores | None, sample_ids: Tensor, batch_size: int
                    ) -> tuple[BatchScores | None, int, int]:
         self._last = CommStats(self.comm.bytes, self.comm.seconds)
         _, world = rank_and_world()
         all_ids = all_gather_rows(sample_ids.cpu(), self.comm)
-        order = torch.argsort(all_ids)
-        self._canonical_ids = all_ids[order]
+        self._order = torch.argsort(all_ids)
+        self._canonical_ids = all_ids[self._order]
         if scores is not None:
-            scores = scores.map_rows(lambda rows: all_gather_rows(rows, self.comm)) \
-                .map_rows(lambda rows: rows[order.to(rows.device)])
+            scores = scores.map_rows(self.align)
         return scores, len(self._canonical_ids), batch_size * world
 
-    def rows(self, batch: Batch, sample_ids: Tensor, selected: Tensor, batch_size: int
+    def align(self, values: Tensor) -> Tensor:
+        """Every rank's ``values`` (one per candidate), in the canonical candidate order."""
+        gathered = all_gather_rows(values, self.comm)
+        return gathered[self._order.to(gathered.device)]
+
+    def rows(self, batch: Batch, sample_ids: Tensor, selection: Selection, batch_size: int
              ) -> Batch:
-        rank, _ = rank_and_world()
         canonical = self._canonical_ids
-        share = canonical[selected[rank * batch_size:(rank + 1) * batch_size]]
+        selected = selection.selected
+        share = canonical[selected[self.share(batch_size)]]
         # Each rank sends the rows of its super-batch that any rank selected.
         chosen = set(canonical[selected].tolist())
         mine = torch.tensor([i for i, s in enumerate(sample_ids.tolist()) if s in chosen],
@@ -150,6 +156,10 @@ class GlobalScope:
         pooled_ids = all_gather_rows(sample_ids.cpu()[mine], self.comm)
         position = {int(s): i for i, s in enumerate(pooled_ids.tolist())}
         return gather(pooled, torch.tensor([position[int(s)] for s in share.tolist()]))
+
+    def share(self, batch_size: int) -> slice:
+        rank, _ = rank_and_world()
+        return slice(rank * batch_size, (rank + 1) * batch_size)
 
     def stats(self) -> dict[str, float]:
         return {'comm_bytes': self.comm.bytes - self._last.bytes,

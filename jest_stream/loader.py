@@ -36,17 +36,19 @@ from jest_stream.checks import check_bool, check_int
 from jest_stream.config import SelectionConfig, super_batch_size_for
 from jest_stream.criteria import Criterion
 from jest_stream.distributed import GlobalScope, rank_and_world
-from jest_stream.errors import SettingError, StateError, UsageError
+from jest_stream.errors import SettingError, SettingTypeError, StateError, UsageError
+from jest_stream.policies import Plan, Progress, SelectionPolicy
 from jest_stream.process import ProcessScoring, check_picklable
 from jest_stream.source import ID_KEY, ReadSettings, SuperBatchSource, make_source
-from jest_stream.step import LocalScope, SelectionStep
+from jest_stream.step import STREAM, LocalScope, SelectionStep, StepResult
 from jest_stream.telemetry import LoaderTelemetry
 from jest_stream.transfer import DevicePrefetcher
 
 __all__ = ['SelectiveLoader', 'super_batch_size_for', 'STATE_VERSION']
 
 
-STATE_VERSION = 1
+# Version 2 added the source kind and the policy's state; version 1 states (neither) load.
+STATE_VERSION = 2
 
 _STATE_KEYS = ('version', 'epoch', 'super_batches', 'seed', 'batch_size', 'super_batch_size',
                'world_size', 'dataset')
@@ -157,6 +159,10 @@ class SelectiveLoader(DataLoader):
             embeddings) and selects ``world_size x batch_size`` examples jointly over the
             global super-batch, each rank training its share (inline scoring only; see
             :mod:`jest_stream.distributed`).
+        policy (SelectionPolicy, optional): Schedules of the selection pressure, uniform
+            mixing, adaptive pressure, quotas per group and importance weights (see
+            :mod:`jest_stream.policies`); full pressure and nothing else by default. Its
+            state is part of :meth:`state_dict`.
 
     Raises:
         SettingError: A setting out of range or inconsistent (the message names it and the
@@ -174,7 +180,8 @@ class SelectiveLoader(DataLoader):
                  batch_transform: Callable[[Batch], Batch] | None = None,
                  count_flops: bool = False, drop_last: bool = True, scoring: str = 'inline',
                  sync_every: int | None = None, max_staleness: int | None = None,
-                 prefetch_depth: int | None = None, selection_scope: str = 'rank') -> None:
+                 prefetch_depth: int | None = None, selection_scope: str = 'rank',
+                 policy: SelectionPolicy | None = None) -> None:
         if filter_ratio is None and super_batch_size is None:
             raise SettingError('give filter_ratio=... (the fraction of each super-batch left '
                                'out) or super_batch_size=...')
@@ -193,6 +200,7 @@ class SelectiveLoader(DataLoader):
         if pin_memory is not None:
             check_bool(pin_memory, 'pin_memory')
         device = torch.device(device) if device is not None else _learner_device(scorer)
+        policy = _check_policy(policy, config)
         step = SelectionStep(config, scorer,
                              scope=GlobalScope() if config.scope == 'global' else LocalScope(),
                              batch_transform=batch_transform)
@@ -226,7 +234,9 @@ class SelectiveLoader(DataLoader):
         self.id_key = id_key
         self.drop_last_short = drop_last
         self.telemetry = LoaderTelemetry()
-        step.record = self.telemetry.record
+        step.record = self._record
+        step.stream_offsets = _stream_offsets(dataset, policy)
+        self.policy = policy
         self.step = step
         self._next_epoch = 0
         self._epoch = 0
@@ -302,6 +312,36 @@ class SelectiveLoader(DataLoader):
             full += 1
         return full
 
+    # The policy
+
+    def _progress(self, epoch: int, index: int) -> Progress:
+        world = self.source.world_size
+        steps = epoch * len(self) + index
+        samples = (epoch * self.source.samples_per_rank() + index * self.super_batch_size) \
+            * world
+        return Progress(steps=steps, samples=samples)
+
+    def _plan(self, epoch: int, index: int) -> Plan:
+        return self.policy.plan(self._progress(epoch, index))
+
+    def _record(self, result: StepResult) -> None:
+        self.telemetry.record(result)
+        self.policy.observe(self._progress(result.epoch, result.index).steps,
+                            result.selection.learnability_mean(self.config.criterion.name))
+
+    def report_metric(self, value: float) -> None:
+        """Report a held-out metric (a validation accuracy, a loss) measured now.
+
+        The policy's :class:`~jest_stream.policies.AdaptivePressure` eases selection when
+        it stops improving (``mode`` says which way is better). The metric is tied to the
+        number of sub-batches handed over so far, so that a resumed run plans the same.
+
+        Raises:
+            SettingError: The loader's policy has no adaptive pressure.
+        """
+        epoch, consumed = self._epoch, self._consumed
+        self.policy.report(self._progress(epoch, consumed).steps, value)
+
     # Position and resumption
 
     def state_dict(self) -> dict[str, Any]:
@@ -327,6 +367,7 @@ class SelectiveLoader(DataLoader):
             'world_size': self.source.world_size,
             'source': self.source.kind,
             'dataset': self.source.dataset_state(epoch, consumed),
+            'policy': self.policy.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -345,6 +386,7 @@ class SelectiveLoader(DataLoader):
         _check_state_fields(state)
         self._check_state_matches(state)
         self.source.check_dataset_state(state['dataset'])
+        self.policy.load_state_dict(state.get('policy', {}))
         self._resume = (int(state['epoch']), int(state['super_batches']))
         self._epoch, self._consumed = self._resume
         self._next_epoch = self._epoch
@@ -401,7 +443,7 @@ class SelectiveLoader(DataLoader):
         index = start
         for _host, batch, timings in DevicePrefetcher(host_batches, self.device):
             ids = read_sample_ids(batch, attached_id_key(batch, self.id_key))
-            selection = self.step.choose(batch, ids, epoch, index)
+            selection = self.step.choose(batch, ids, epoch, index, self._plan(epoch, index))
             sub = None
             if not (selection.short and self._drop(epoch, index, len(ids))):
                 sub = self.step.finish(batch, ids, selection, epoch=epoch, index=index,
@@ -422,7 +464,8 @@ class SelectiveLoader(DataLoader):
                       ) -> Iterator[Batch]:
         if self._process is None:
             self._process = ProcessScoring(step=self.step, device=self.device, id_key=self.id_key)
-        for index, entry, sub in self._process.iter_epoch(host_batches, epoch, start):
+        for index, entry, sub in self._process.iter_epoch(host_batches, epoch, start,
+                                                          self._plan):
             self._consumed = index + 1
             if sub is None and not self._drop(epoch, index, entry.n):
                 # A short super-batch is not scored: it is handed over whole, here.
@@ -433,6 +476,30 @@ class SelectiveLoader(DataLoader):
             if sub is not None:
                 yield sub
         self._epoch, self._consumed = epoch + 1, 0
+
+
+def _check_policy(policy: SelectionPolicy | None, config: SelectionConfig) -> SelectionPolicy:
+    if policy is None:
+        return SelectionPolicy()
+    if not isinstance(policy, SelectionPolicy):
+        raise SettingTypeError(f'policy={policy!r} must be a jest_stream.SelectionPolicy')
+    if policy.schedule is not None and policy.schedule.unit == 'fraction':
+        raise SettingError('a SelectiveLoader does not know how long training will be: give '
+                           'the schedule in unit="steps" or "samples"')
+    depth = config.process.prefetch_depth if config.process is not None else 1
+    policy.check_method(config.method, config.temperature, prefetch_depth=depth)
+    return policy
+
+
+def _stream_offsets(dataset: Any, policy: SelectionPolicy) -> tuple[int, ...] | None:
+    """The first sample id of every stream, for quotas per stream."""
+    if policy.quota is None or policy.quota.key != STREAM:
+        return None
+    offsets = getattr(dataset, 'sample_offset_per_stream', None)
+    if offsets is None:
+        raise SettingError(f'Quota(key={STREAM!r}) groups samples by the stream they came '
+                           f'from, which only a StreamingDataset knows; give a column instead')
+    return tuple(int(offset) for offset in offsets)
 
 
 def _infer_source(dataset_state: Any) -> str:
@@ -452,7 +519,7 @@ def _check_state_fields(state: Any) -> None:
         hint = (f'; it looks like a whole checkpoint: pass its {nested[0]!r} entry'
                 if nested else '')
         raise StateError(f'this is not a SelectiveLoader state: it lacks {missing}{hint}')
-    if state['version'] != STATE_VERSION:
+    if state['version'] not in (1, STATE_VERSION):
         raise StateError(f'loader state version {state["version"]!r} is not {STATE_VERSION}; '
                          f'it was saved by an incompatible jest_stream')
     for key, low in (('epoch', 0), ('super_batches', 0), ('batch_size', 1),

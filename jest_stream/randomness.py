@@ -11,11 +11,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ['derive_seed', 'derive_generator', 'SELECTION', 'SHUFFLE']
+from jest_stream.errors import SettingError
+
+__all__ = ['derive_seed', 'derive_generator', 'SELECTION', 'SHUFFLE', 'POLICY']
 
 # Purposes keep the streams of different consumers independent of each other.
 SELECTION = 1
 SHUFFLE = 2
+POLICY = 3  # the candidates a lower pressure considers, and the uniformly mixed rows
 
 
 def derive_seed(seed: int, *keys: int) -> int:
@@ -30,7 +33,7 @@ def derive_seed(seed: int, *keys: int) -> int:
     """
     entropy = [int(seed) & 0xFFFFFFFFFFFFFFFF, *(int(key) for key in keys)]
     if any(key < 0 for key in entropy[1:]):
-        raise ValueError(f'derive_seed keys must be non-negative, got {keys}')
+        raise SettingError(f'derive_seed keys must be non-negative, got {keys}')
     words = np.random.SeedSequence(entropy).generate_state(2, dtype=np.uint32)
     return (int(words[0]) << 31) ^ int(words[1])
 

@@ -20,6 +20,7 @@ from jest_stream.losses import InfoNCEConditional, sigmoid_pair_losses
 from jest_stream.selection import (
     BatchScores,
     CombinedConditional,
+    Constraint,
     joint_select_incremental,
     joint_select_softmax,
 )
@@ -84,9 +85,11 @@ class PerExampleScores:
         return torch.diag(self.scores)
 
     def select_jointly(self, n_select: int, *, n_chunks: int, temperature: float,
-                       generator: torch.Generator) -> Tensor:
+                       generator: torch.Generator, constraint: Constraint | None = None
+                       ) -> Tensor:
         return joint_select_incremental(self, n_select, n_chunks=n_chunks,
-                                        temperature=temperature, generator=generator)
+                                        temperature=temperature, generator=generator,
+                                        constraint=constraint)
 
 
 class Embeddings:
@@ -190,9 +193,11 @@ class SigmoidPairScores:
         return total - self.diagonal()
 
     def select_jointly(self, n_select: int, *, n_chunks: int, temperature: float,
-                       generator: torch.Generator) -> Tensor:
+                       generator: torch.Generator, constraint: Constraint | None = None
+                       ) -> Tensor:
         return joint_select_incremental(self, n_select, n_chunks=n_chunks,
-                                        temperature=temperature, generator=generator)
+                                        temperature=temperature, generator=generator,
+                                        constraint=constraint)
 
 
 class SoftmaxScores:
@@ -228,6 +233,8 @@ class SoftmaxScores:
         return conditional.current()
 
     def select_jointly(self, n_select: int, *, n_chunks: int, temperature: float,
-                       generator: torch.Generator) -> Tensor:
+                       generator: torch.Generator, constraint: Constraint | None = None
+                       ) -> Tensor:
         return joint_select_softmax(self._conditional(), n_select, n_chunks=n_chunks,
-                                    temperature=temperature, generator=generator)
+                                    temperature=temperature, generator=generator,
+                                    constraint=constraint)

@@ -39,6 +39,7 @@ __all__ = [
     'BatchScores',
     'CombinedConditional',
     'ConditionalScores',
+    'Constraint',
     'MatrixPairScores',
     'PairScores',
     'SELECTION_METHODS',
@@ -50,6 +51,7 @@ __all__ = [
     'joint_select_incremental',
     'joint_select_softmax',
     'sample_select',
+    'sample_select_with_probabilities',
     'select',
     'topk_select',
     'uniform_select',
@@ -94,6 +96,14 @@ class ConditionalScores(Protocol):
 
     def add(self, chunk: Tensor) -> None:
         """Condition on the candidates ``chunk`` (LongTensor[c]) as well."""
+
+
+@runtime_checkable
+class Constraint(Protocol):
+    """Bounds on which rows a selection may pick (:class:`~jest_stream.quotas.GroupQuota`)."""
+
+    def pick(self, keys: Tensor, k: int) -> Tensor:
+        """LongTensor[k]: the rows of highest key that keep the bounds reachable."""
 
 
 class MatrixPairScores:
@@ -262,7 +272,8 @@ def gumbel_noise(n: int, *, generator: torch.Generator | None,
 
 
 def gumbel_topk(logits: Tensor, k: int, *, temperature: float,
-                generator: torch.Generator | None) -> Tensor:
+                generator: torch.Generator | None, constraint: Constraint | None = None
+                ) -> Tensor:
     """Sample ``k`` indices without replacement from ``softmax(logits / temperature)``.
 
     The Gumbel-top-k trick: the top ``k`` of ``logits / temperature + G``. Temperature 0
@@ -274,6 +285,9 @@ def gumbel_topk(logits: Tensor, k: int, *, temperature: float,
         k (int): Number of indices to draw.
         temperature (float): Softmax temperature, >= 0.
         generator (torch.Generator | None): CPU generator of the noise.
+        constraint (Constraint, optional): Picks the ``k`` rows from the perturbed scores
+            under its bounds (a :class:`~jest_stream.quotas.GroupQuota`) instead of the top
+            ``k``.
 
     Returns:
         LongTensor[k]: Indices in descending order of perturbed score, on ``logits.device``.
@@ -291,6 +305,8 @@ def gumbel_topk(logits: Tensor, k: int, *, temperature: float,
     noise = gumbel_noise(logits.shape[0], generator=generator, dtype=dtype,
                          device=logits.device)
     keys = logits.to(dtype) if temperature == 0 else logits.to(dtype) / temperature + noise
+    if constraint is not None:
+        return constraint.pick(keys, k)
     return torch.topk(keys, k).indices
 
 
@@ -298,7 +314,8 @@ def gumbel_topk(logits: Tensor, k: int, *, temperature: float,
 
 
 def joint_select(scores: Tensor, n_select: int, *, n_chunks: int = 16, temperature: float = 1.0,
-                 generator: torch.Generator | None = None) -> Tensor:
+                 generator: torch.Generator | None = None,
+                 constraint: Constraint | None = None) -> Tensor:
     """Blocked joint sampling over the materialised pair-score matrix (reference form).
 
     The first chunk is drawn from ``softmax(A_kk / temperature)``; each later chunk from
@@ -312,6 +329,7 @@ def joint_select(scores: Tensor, n_select: int, *, n_chunks: int = 16, temperatu
         temperature (float): Softmax temperature; 0 selects greedily.
         generator (torch.Generator | None): CPU generator of the noise; None draws a fresh
             private one.
+        constraint (Constraint, optional): Bounds every chunk is picked under (quotas).
 
     Returns:
         LongTensor[n_select]: Distinct indices into ``B``, in selection order.
@@ -328,14 +346,16 @@ def joint_select(scores: Tensor, n_select: int, *, n_chunks: int = 16, temperatu
     for size in sizes:
         conditional = diagonal + scores[:, selected].sum(1) + scores[selected, :].sum(0)
         chunk = gumbel_topk(conditional.masked_fill(is_selected, -torch.inf), size,
-                            temperature=temperature, generator=generator)
+                            temperature=temperature, generator=generator,
+                            constraint=constraint)
         is_selected[chunk] = True
         selected = torch.cat([selected, chunk])
     return selected
 
 
 def _blocked_select(conditional: ConditionalScores, n_select: int, *, n_chunks: int,
-                    temperature: float, generator: torch.Generator | None) -> Tensor:
+                    temperature: float, generator: torch.Generator | None,
+                    constraint: Constraint | None = None) -> Tensor:
     """Blocked sampling over conditional scores that are updated after every chunk."""
     n_select = _check_n_select(n_select, conditional.size)
     sizes = chunk_sizes(n_select, n_chunks)
@@ -349,7 +369,8 @@ def _blocked_select(conditional: ConditionalScores, n_select: int, *, n_chunks: 
             is_selected = torch.zeros(conditional.size, dtype=torch.bool, device=scores.device)
         _check_finite(scores.masked_fill(is_selected, 0.0))
         chunk = gumbel_topk(scores.masked_fill(is_selected, -torch.inf), size,
-                            temperature=temperature, generator=generator)
+                            temperature=temperature, generator=generator,
+                            constraint=constraint)
         is_selected[chunk] = True
         chunks.append(chunk)
         # No chunk is drawn after the last one, so conditioning on it would be wasted work.
@@ -360,7 +381,8 @@ def _blocked_select(conditional: ConditionalScores, n_select: int, *, n_chunks: 
 
 def joint_select_incremental(pair_scores: PairScores, n_select: int, *, n_chunks: int = 16,
                              temperature: float = 1.0,
-                             generator: torch.Generator | None = None) -> Tensor:
+                             generator: torch.Generator | None = None,
+                             constraint: Constraint | None = None) -> Tensor:
     """Blocked joint sampling that never builds the ``B x B`` matrix (fast path).
 
     Keeps the conditional score of every candidate and, after each chunk ``J``, adds
@@ -370,7 +392,7 @@ def joint_select_incremental(pair_scores: PairScores, n_select: int, *, n_chunks
 
     Args:
         pair_scores (PairScores): Blocks of the pair scores ``A``.
-        n_select, n_chunks, temperature, generator: As for :func:`joint_select`.
+        n_select, n_chunks, temperature, generator, constraint: As for :func:`joint_select`.
 
     Returns:
         LongTensor[n_select]: Distinct indices into ``B``, in selection order. Memory is
@@ -380,12 +402,14 @@ def joint_select_incremental(pair_scores: PairScores, n_select: int, *, n_chunks
         raise SettingTypeError(f'pair_scores must implement PairScores (size, diagonal, '
                                f'columns, rows, materialise), got {type(pair_scores).__name__}')
     return _blocked_select(_IncrementalPairConditional(pair_scores), n_select,
-                           n_chunks=n_chunks, temperature=temperature, generator=generator)
+                           n_chunks=n_chunks, temperature=temperature, generator=generator,
+                           constraint=constraint)
 
 
 def joint_select_softmax(conditional: ConditionalScores, n_select: int, *, n_chunks: int = 16,
                          temperature: float = 1.0,
-                         generator: torch.Generator | None = None) -> Tensor:
+                         generator: torch.Generator | None = None,
+                         constraint: Constraint | None = None) -> Tensor:
     """Blocked joint sampling over conditional scores, e.g. of the softmax (InfoNCE) loss.
 
     Each chunk is drawn from ``softmax(conditional.current() / temperature)`` over the
@@ -396,7 +420,7 @@ def joint_select_softmax(conditional: ConditionalScores, n_select: int, *, n_chu
     Args:
         conditional (ConditionalScores): The scores; updated in place as chunks are drawn
             (every chunk but the last is added).
-        n_select, n_chunks, temperature, generator: As for :func:`joint_select`.
+        n_select, n_chunks, temperature, generator, constraint: As for :func:`joint_select`.
 
     Returns:
         LongTensor[n_select]: Distinct indices into ``B``, in selection order.
@@ -405,14 +429,14 @@ def joint_select_softmax(conditional: ConditionalScores, n_select: int, *, n_chu
         raise SettingTypeError(f'conditional must implement ConditionalScores (size, current, '
                                f'add), got {type(conditional).__name__}')
     return _blocked_select(conditional, n_select, n_chunks=n_chunks, temperature=temperature,
-                           generator=generator)
+                           generator=generator, constraint=constraint)
 
 
 # Independent selection ---------------------------------------------------------------
 
 
 def topk_select(scores: Tensor, n_select: int, *, generator: torch.Generator | None = None,
-                **_: Any) -> Tensor:
+                constraint: Constraint | None = None, **_: Any) -> Tensor:
     """The ``n_select`` highest scores (greedy independent selection).
 
     Args:
@@ -420,6 +444,7 @@ def topk_select(scores: Tensor, n_select: int, *, generator: torch.Generator | N
         n_select (int): Number to keep, at most ``B``.
         generator (torch.Generator | None): Unused; accepted, like any other keyword, so
             that every selector can be called the same way.
+        constraint (Constraint, optional): Bounds to pick under (quotas).
 
     Returns:
         LongTensor[n_select]: Indices in descending order of score.
@@ -427,11 +452,14 @@ def topk_select(scores: Tensor, n_select: int, *, generator: torch.Generator | N
     _check_vector(scores)
     n_select = _check_n_select(n_select, scores.shape[0])
     _check_finite(scores)
+    if constraint is not None:
+        return constraint.pick(scores, n_select)
     return torch.topk(scores, n_select).indices
 
 
 def sample_select(scores: Tensor, n_select: int, *, temperature: float = 1.0,
-                  generator: torch.Generator | None = None) -> Tensor:
+                  generator: torch.Generator | None = None,
+                  constraint: Constraint | None = None) -> Tensor:
     """Sample ``n_select`` without replacement from ``softmax(scores / temperature)``.
 
     Args:
@@ -440,6 +468,7 @@ def sample_select(scores: Tensor, n_select: int, *, temperature: float = 1.0,
         temperature (float): Softmax temperature; 0 is :func:`topk_select`.
         generator (torch.Generator | None): CPU generator of the noise; None draws a fresh
             private one.
+        constraint (Constraint, optional): Bounds to pick under (quotas).
 
     Returns:
         LongTensor[n_select]: Distinct indices, in the order drawn.
@@ -447,17 +476,63 @@ def sample_select(scores: Tensor, n_select: int, *, temperature: float = 1.0,
     _check_vector(scores)
     n_select = _check_n_select(n_select, scores.shape[0])
     _check_finite(scores)
-    return gumbel_topk(scores, n_select, temperature=temperature, generator=generator)
+    return gumbel_topk(scores, n_select, temperature=temperature, generator=generator,
+                       constraint=constraint)
+
+
+def sample_select_with_probabilities(scores: Tensor, n_select: int, *, temperature: float,
+                                     generator: torch.Generator | None
+                                     ) -> tuple[Tensor, Tensor]:
+    """:func:`sample_select`, and each selected candidate's inclusion probability given the
+    threshold of the draw: what importance weights need.
+
+    Sampling without replacement by Gumbel-top-k keeps the ``k`` largest keys
+    ``phi_i + G_i`` (``phi = scores / temperature``). With ``kappa`` the ``(k+1)``-th largest
+    key, ``q_i = P(phi_i + G > kappa) = 1 - exp(-exp(phi_i - kappa))``, and
+    ``sum_{i in S} f_i / (n q_i)`` is an unbiased estimate of the mean of ``f`` over all
+    ``n`` candidates (priority sampling; Duffield et al., 2007; Kool et al., 2020,
+    "Estimating gradients for discrete random variables by sampling without replacement",
+    section 3). It draws the same noise as :func:`sample_select`, so it selects the same.
+
+    Args:
+        scores (Tensor[B]): Per-example scores.
+        n_select (int): Number to keep, at most ``B``.
+        temperature (float): Softmax temperature, > 0.
+        generator (torch.Generator | None): CPU generator of the noise.
+
+    Returns:
+        tuple[LongTensor[n_select], Tensor[n_select]]: The indices, and their inclusion
+        probabilities in float64 (1 for all when every candidate is kept).
+    """
+    _check_vector(scores)
+    n_select = _check_n_select(n_select, scores.shape[0])
+    _check_finite(scores)
+    temperature = _check_temperature(temperature)
+    if temperature == 0:
+        raise SettingError('inclusion probabilities need a positive temperature: at 0 the '
+                           'selection is deterministic')
+    phi = scores.detach().to(torch.float64).cpu() / temperature
+    keys = phi + gumbel_noise(len(phi), generator=generator)
+    ranked = torch.argsort(keys, descending=True)
+    chosen = ranked[:n_select]
+    if n_select == len(phi):
+        return chosen, torch.ones(n_select, dtype=torch.float64)
+    kappa = keys[ranked[n_select]]
+    probabilities = -torch.expm1(-torch.exp(phi[chosen] - kappa))
+    return chosen, probabilities
 
 
 def uniform_select(n_candidates: int, n_select: int, *,
-                   generator: torch.Generator | None = None) -> Tensor:
+                   generator: torch.Generator | None = None,
+                   constraint: Constraint | None = None) -> Tensor:
     """``n_select`` candidates drawn uniformly without replacement (the baseline).
 
     Args:
         n_candidates (int): Super-batch size ``B``.
         n_select (int): Number to keep, at most ``B``.
         generator (torch.Generator | None): CPU generator; None draws a fresh private one.
+        constraint (Constraint, optional): Bounds to pick under (quotas): then a uniformly
+            random order of the candidates is picked from under them.
 
     Returns:
         LongTensor[n_select]: The first ``n_select`` entries of a random permutation (CPU).
@@ -465,7 +540,12 @@ def uniform_select(n_candidates: int, n_select: int, *,
     _check_positive_int(n_candidates, 'n_candidates')
     n_select = _check_n_select(n_select, n_candidates)
     generator = _private_generator(generator)
-    return torch.randperm(n_candidates, generator=generator)[:n_select]
+    order = torch.randperm(n_candidates, generator=generator)
+    if constraint is not None:
+        keys = torch.empty(n_candidates, dtype=torch.float64)
+        keys[order] = -torch.arange(n_candidates, dtype=torch.float64)
+        return constraint.pick(keys, n_select)
+    return order[:n_select]
 
 
 # The registry of selection methods -----------------------------------------------------
@@ -489,7 +569,8 @@ class BatchScores(Protocol):
 
     def select_jointly(self, n_select: int, *, n_chunks: int, temperature: float,
                        generator: torch.Generator) -> Tensor:
-        """LongTensor[n_select]: blocked joint sampling over these scores."""
+        """LongTensor[n_select]: blocked joint sampling over these scores (built-in forms
+        also take ``constraint=``, bounds such as quotas to pick every chunk under)."""
 
     def map_rows(self, fn: Callable[[Tensor], Tensor]) -> BatchScores:
         """The same scores over candidates rearranged by ``fn`` (a reorder, a gather, an
@@ -497,25 +578,30 @@ class BatchScores(Protocol):
 
 
 def _joint(scores: BatchScores | None, n_candidates: int, n_select: int, *, n_chunks: int,
-           temperature: float, generator: torch.Generator) -> Tensor:
+           temperature: float, generator: torch.Generator,
+           constraint: Constraint | None = None) -> Tensor:
+    extra = {} if constraint is None else {'constraint': constraint}
     return scores.select_jointly(n_select, n_chunks=n_chunks, temperature=temperature,
-                                 generator=generator)
+                                 generator=generator, **extra)
 
 
 def _topk(scores: BatchScores | None, n_candidates: int, n_select: int, *, n_chunks: int,
-          temperature: float, generator: torch.Generator) -> Tensor:
-    return topk_select(scores.per_example(), n_select)
+          temperature: float, generator: torch.Generator,
+          constraint: Constraint | None = None) -> Tensor:
+    return topk_select(scores.per_example(), n_select, constraint=constraint)
 
 
 def _sample(scores: BatchScores | None, n_candidates: int, n_select: int, *, n_chunks: int,
-            temperature: float, generator: torch.Generator) -> Tensor:
+            temperature: float, generator: torch.Generator,
+            constraint: Constraint | None = None) -> Tensor:
     return sample_select(scores.per_example(), n_select, temperature=temperature,
-                         generator=generator)
+                         generator=generator, constraint=constraint)
 
 
 def _uniform(scores: BatchScores | None, n_candidates: int, n_select: int, *, n_chunks: int,
-             temperature: float, generator: torch.Generator) -> Tensor:
-    return uniform_select(n_candidates, n_select, generator=generator)
+             temperature: float, generator: torch.Generator,
+             constraint: Constraint | None = None) -> Tensor:
+    return uniform_select(n_candidates, n_select, generator=generator, constraint=constraint)
 
 
 SelectionMethod = Callable[..., Tensor]
@@ -549,7 +635,8 @@ def get_selection_method(name: str) -> SelectionMethod:
 
 
 def select(scores: BatchScores | None, n_candidates: int, n_select: int, *, method: str,
-           n_chunks: int, temperature: float, generator: torch.Generator) -> Tensor:
+           n_chunks: int, temperature: float, generator: torch.Generator,
+           constraint: Constraint | None = None) -> Tensor:
     """Indices of the ``n_select`` candidates to keep, by the method named ``method``.
 
     Args:
@@ -560,11 +647,13 @@ def select(scores: BatchScores | None, n_candidates: int, n_select: int, *, meth
         n_chunks (int): Chunks of the joint sampler.
         temperature (float): Softmax temperature; 0 is greedy.
         generator (torch.Generator): CPU generator of the noise.
+        constraint (Constraint, optional): Bounds to pick under (quotas).
 
     Returns:
         LongTensor[n_select]: Distinct indices into the candidates, on the CPU.
     """
+    extra = {} if constraint is None else {'constraint': constraint}
     indices = get_selection_method(method)(
         scores, n_candidates, n_select, n_chunks=n_chunks, temperature=temperature,
-        generator=generator)
+        generator=generator, **extra)
     return indices.cpu()

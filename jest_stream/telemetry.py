@@ -82,6 +82,7 @@ class LoaderTelemetry:
             metrics['drawn_per_s'] = result.drawn / interval
             metrics['yielded_per_s'] = result.yielded / interval
         metrics.update(score_statistics(selection.scores, selection.selected))
+        metrics.update(selection.policy)
         if selection.score_flops is not None:
             metrics['score_flops'] = selection.score_flops
         if torch.cuda.is_available() and torch.cuda.is_initialized():

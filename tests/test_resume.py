@@ -149,7 +149,7 @@ def test_a_whole_checkpoint_is_refused_with_a_pointer_to_the_loader_state():
     ('epoch', True, r'epoch=True; expected an int'),
     ('batch_size', 0, r'batch_size=0; expected an int >= 1'),
     ('world_size', None, r'world_size=None'),
-    ('version', 7, r'version 7 is not 1'),
+    ('version', 7, r'version 7 is not 2'),
     ('source', 'webdataset', r"source='webdataset'"),
     ('super_batches', 99, r'99 super-batches of epoch 0 were handed over, but an epoch of '
                           r'this loader has 5'),

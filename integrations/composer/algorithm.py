@@ -9,6 +9,7 @@ so samples are counted raw and Composer's own dataset checkpoint resumes the dat
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -23,10 +24,11 @@ from torch import Tensor, nn
 from jest_stream.batch import Batch, batch_length, check_key, read_sample_ids
 from jest_stream.checks import check_choice, check_int, check_number
 from jest_stream.config import SelectionConfig
-from jest_stream.criteria import Criterion, get_criterion
+from jest_stream.criteria import Criterion
 from jest_stream.errors import SettingError, SettingTypeError, StateError, UsageError
 from jest_stream.integrations.composer.models import call_model, unwrap_model
 from jest_stream.losses import per_example_cross_entropy
+from jest_stream.policies import Progress, Schedule, SelectionPolicy
 from jest_stream.scoring import ClassificationScorer, ColumnReference, ReferenceTable
 from jest_stream.scoring.reference import resolve_reference
 from jest_stream.step import Selection, SelectionStep, StepResult
@@ -133,6 +135,13 @@ class JESTAlgorithm(Algorithm):
         batch_transform (Callable, optional): Applied to each selected sub-batch on the
             device before training (e.g. :class:`jest_stream.flexi.MixedResolution`).
         count_flops (bool): Count the FLOPs of every scoring pass (``jest/score_flops``).
+        policy (SelectionPolicy, optional): Schedules (``unit='fraction'`` of
+            ``max_duration`` is available here), uniform mixing, adaptive pressure, quotas and
+            importance weights (see :mod:`jest_stream.policies`). ``start``/``end`` are a
+            schedule too: give one or the other.
+        eval_metric (str, optional): Name of an evaluation metric (``MulticlassAccuracy``)
+            whose value at each ``EVAL_END`` is reported to the policy's
+            :class:`~jest_stream.policies.AdaptivePressure`.
 
     Raises:
         SettingError: A setting out of range, unknown or inconsistent with another.
@@ -150,7 +159,8 @@ class JESTAlgorithm(Algorithm):
                  chunk_size: int | None = None, start: float = 0.0, end: float = 1.0,
                  outside_window: str = 'uniform', id_key: str | int | None = 'sample_id',
                  batch_transform: Callable[[Batch], Batch] | None = None,
-                 count_flops: bool = False) -> None:
+                 count_flops: bool = False, policy: SelectionPolicy | None = None,
+                 eval_metric: str | None = None) -> None:
         if (filter_ratio is None) == (batch_size is None):
             raise SettingError('give exactly one of filter_ratio=... or batch_size=... (the '
                                'sub-batch size)')
@@ -169,13 +179,16 @@ class JESTAlgorithm(Algorithm):
             resolve_reference(reference, needed=crit.needs_reference)
         if chunk_size is not None:
             check_int(chunk_size, 'chunk_size', low=1)
-        start = check_number(start, 'start', low=0.0, high=1.0)
-        end = check_number(end, 'end', low=0.0, high=1.0)
-        if not start < end:
-            raise SettingError(f'start={start!r}, end={end!r}: selection runs while the '
-                               f'fraction of training done is in [start, end), so 0 <= start '
-                               f'< end <= 1')
+        self.policy = _window_policy(policy, check_number(start, 'start', low=0.0, high=1.0),
+                                     check_number(end, 'end', low=0.0, high=1.0))
+        self.policy.check_method(self.config.method, self.config.temperature, prefetch_depth=1)
         check_choice(outside_window, 'outside_window', OUTSIDE_WINDOW)
+        if eval_metric is not None and (not isinstance(eval_metric, str)
+                                        or self.policy.adaptive is None):
+            raise SettingError(f'eval_metric={eval_metric!r} names the evaluation metric '
+                               f'reported to the policy\'s AdaptivePressure: give a metric name '
+                               f'and policy=SelectionPolicy(adaptive=AdaptivePressure(...))')
+        self.eval_metric = eval_metric
         check_key(id_key, 'id_key', optional=True)
         check_key(target_key, 'target_key')
         self.reference = reference
@@ -185,8 +198,6 @@ class JESTAlgorithm(Algorithm):
         self.forward = forward
         self.chunk_size = chunk_size
         self.batch_transform = batch_transform
-        self.start = start
-        self.end = end
         self.outside_window = outside_window
         self.id_key = id_key
         self._explicit_seed = seed
@@ -194,12 +205,13 @@ class JESTAlgorithm(Algorithm):
         self.batches_selected = 0
         self.batches_outside = 0
         self.samples_trained = 0
-        self._steps: dict[bool, SelectionStep] = {}
+        self._step_: SelectionStep | None = None
         self._sized: SelectionConfig | None = None
         self._matched_parts: tuple[Any, ...] | None = None
         self._warned_short = False
         self._logger: Logger | None = None
         self._active = True
+        self._steps_done = 0
 
     # Settings as attributes, for logs and tests
 
@@ -229,6 +241,8 @@ class JESTAlgorithm(Algorithm):
             # as the dataloader made it, to notice an algorithm that replaces it before us.
             self._matched_parts = _batch_parts(state.batch)
             return True
+        if event == Event.EVAL_END:
+            return self.eval_metric is not None
         return event in (Event.INIT, Event.FIT_START)
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
@@ -238,13 +252,17 @@ class JESTAlgorithm(Algorithm):
             self._fit_start(state)
         elif event == Event.AFTER_DATALOADER:
             self._select(state, logger)
+        elif event == Event.EVAL_END:
+            self._report_eval(state)
 
     def state_dict(self) -> dict[str, Any]:
-        """Plain Python values: the seed and counters (positions come from the timestamp)."""
+        """Plain Python values: the seed, counters and the policy's state (positions come
+        from the timestamp)."""
         return {'version': STATE_VERSION, 'seed': self.seed,
                 'batches_selected': self.batches_selected,
                 'batches_outside': self.batches_outside,
-                'samples_trained': self.samples_trained}
+                'samples_trained': self.samples_trained,
+                'policy': self.policy.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`; an explicit ``seed`` must match the saved one.
@@ -269,6 +287,7 @@ class JESTAlgorithm(Algorithm):
                 f'the checkpoint selected with seed={saved} but this JESTAlgorithm has '
                 f'seed={self._explicit_seed}; resume with the same seed (or seed=None to take the '
                 f'saved one) or selections will not continue exactly')
+        self.policy.load_state_dict(state.get('policy', {}))
         self._set_seed(saved)
         self.batches_selected = state['batches_selected']
         self.batches_outside = state['batches_outside']
@@ -278,7 +297,7 @@ class JESTAlgorithm(Algorithm):
         self.config = _replace(self.config, seed=seed)
         if self._sized is not None:
             self._sized = _replace(self._sized, seed=seed)
-        self._steps = {}
+        self._step_ = None
 
     def _take_trainer_seed(self, state: State) -> None:
         if self.seed is None:
@@ -307,13 +326,13 @@ class JESTAlgorithm(Algorithm):
         _resume_streaming_epoch_boundary(state)
         if self.criterion.scores and self.scorer is None:
             self.scorer = self._build_scorer(state)
-        self._steps = {}
+        self._step_ = None
 
     def _size(self, super_batch: int) -> SelectionConfig:
         """The configuration sized for super-batches of ``super_batch`` rows."""
         if self._sized is None or self._sized.super_batch_size != super_batch:
             self._sized = self.config.with_super_batch_size(super_batch)
-            self._steps = {}
+            self._step_ = None
         return self._sized
 
     def _build_scorer(self, state: State) -> Any:
@@ -337,24 +356,31 @@ class JESTAlgorithm(Algorithm):
         return ClassificationScorer(model, reference, target_key=self.target_key,
                                     forward=self.forward, loss_fn=self.loss_fn)
 
-    def _step(self, config: SelectionConfig, active: bool) -> SelectionStep:
-        """The step for super-batches in (``active``) or outside the selection window."""
-        step = self._steps.get(active)
-        if step is None:
-            if not active:  # outside the window: uniform selection, nothing scored
-                config = _replace(config, criterion=get_criterion('uniform'), method='uniform')
-            step = SelectionStep(config, self.scorer if config.criterion.scores else None,
-                                 batch_transform=self.batch_transform, record=self._record)
-            self._steps[active] = step
-        return step
+    def _step(self, config: SelectionConfig) -> SelectionStep:
+        if self._step_ is None:
+            self._step_ = SelectionStep(config, self.scorer, batch_transform=self.batch_transform,
+                                        record=self._record)
+        return self._step_
 
     # Selection
 
-    def _in_window(self, state: State) -> bool:
-        if self.start == 0.0 and self.end == 1.0:
-            return True
-        done = _elapsed_fraction(state)
-        return self.start <= done < self.end
+    @property
+    def start(self) -> float:
+        """Fraction of training at which selection starts (the schedule's warm-up)."""
+        schedule = self.policy.schedule
+        return 0.0 if schedule is None or schedule.unit != 'fraction' else schedule.warmup
+
+    @property
+    def end(self) -> float:
+        """Fraction of training at which selection stops (the schedule's anneal)."""
+        schedule = self.policy.schedule
+        if schedule is None or schedule.unit != 'fraction' or schedule.anneal_end is None:
+            return 1.0
+        return schedule.anneal_end
+
+    def _progress(self, state: State) -> Progress:
+        return Progress(steps=int(state.timestamp.batch), samples=int(state.timestamp.sample),
+                        fraction=_elapsed_fraction(state))
 
     def _chunk_size(self, state: State, sub: int) -> int:
         if self.chunk_size is not None:
@@ -382,25 +408,37 @@ class JESTAlgorithm(Algorithm):
         start = time.perf_counter()
         batch = state.device.batch_to_device(state.batch)
         timings = {'transfer_s': time.perf_counter() - start}
-        self._active = self._in_window(state)
         self._logger = logger
         epoch, index = int(state.timestamp.epoch), int(state.timestamp.batch_in_epoch)
+        self._steps_done = int(state.timestamp.batch)
+        plan = self.policy.plan(self._progress(state))
+        self._active = plan.pressure > 0
+        step = self._step(config)
         if not self._active and self.outside_window == 'first' and n >= config.batch_size:
-            step = self._step(config, False)
-            state.batch = step.finish(batch, ids, Selection(torch.arange(config.batch_size),
-                                                            None, n),
-                                      epoch=epoch, index=index, timings=timings)
+            first = Selection(torch.arange(config.batch_size), None, n)
+            state.batch = step.finish(batch, ids, first, epoch=epoch, index=index,
+                                      timings=timings)
             return
-        step = self._step(config, self._active)
-        if step.config.criterion.scores and isinstance(self.scorer, ClassificationScorer) \
+        if config.criterion.scores and isinstance(self.scorer, ClassificationScorer) \
                 and self.scorer_factory is None:
             self.scorer.chunk_size = self._chunk_size(state, config.batch_size)
         with get_precision_context(state.precision, state.precision_config):
-            selection = step.choose(batch, ids, epoch, index)
+            selection = step.choose(batch, ids, epoch, index, plan)
         if selection.short:
             self._warn_short(n, config.batch_size)
         state.batch = step.finish(batch, ids, selection, epoch=epoch, index=index,
                                   timings=timings)
+
+    def _report_eval(self, state: State) -> None:
+        """Report the evaluation metric ``eval_metric`` to the adaptive pressure."""
+        for metrics in state.eval_metrics.values():
+            metric = metrics.get(self.eval_metric)
+            if metric is not None:
+                self.policy.report(int(state.timestamp.batch), float(metric.compute()))
+                return
+        raise SettingError(f'eval_metric={self.eval_metric!r} is not a metric of any '
+                           f'evaluator; the evaluators have '
+                           f'{sorted({m for ms in state.eval_metrics.values() for m in ms})}')
 
     def _warn_short(self, n: int, sub: int) -> None:
         if not self._warned_short:
@@ -427,6 +465,9 @@ class JESTAlgorithm(Algorithm):
         }
         if selection.score_flops is not None:
             metrics['jest/score_flops'] = float(selection.score_flops)
+        metrics.update({f'jest/{k}': float(v) for k, v in selection.policy.items()})
+        self.policy.observe(self._steps_done,
+                            selection.learnability_mean(self.criterion.name))
         if not selection.short:
             metrics.update({f'jest/{k}': v for k, v in
                             score_statistics(selection.scores, selection.selected).items()})
@@ -434,9 +475,25 @@ class JESTAlgorithm(Algorithm):
             self._logger.log_metrics(metrics)
 
 
-def _replace(config: SelectionConfig, **changes: Any) -> SelectionConfig:
-    import dataclasses
+def _window_policy(policy: SelectionPolicy | None, start: float, end: float
+                   ) -> SelectionPolicy:
+    """The policy, with the selection window ``[start, end)`` as its schedule."""
+    if policy is not None and not isinstance(policy, SelectionPolicy):
+        raise SettingTypeError(f'policy={policy!r} must be a jest_stream.SelectionPolicy')
+    policy = policy if policy is not None else SelectionPolicy()
+    if (start, end) == (0.0, 1.0):
+        return policy
+    if not start < end:
+        raise SettingError(f'start={start!r}, end={end!r}: selection runs while the fraction '
+                           f'of training done is in [start, end), so 0 <= start < end <= 1')
+    if policy.schedule is not None:
+        raise SettingError('give the selection window as start/end or as the policy\'s '
+                           'schedule, not both')
+    return dataclasses.replace(policy, schedule=Schedule(
+        unit='fraction', warmup=start, anneal_start=end, anneal_end=end))
 
+
+def _replace(config: SelectionConfig, **changes: Any) -> SelectionConfig:
     return dataclasses.replace(config, **changes)
 
 
@@ -493,5 +550,4 @@ def _resume_streaming_epoch_boundary(state: State) -> None:
                  resume['epoch'], epoch)
         resume['epoch'] = epoch
         dataset.load_state_dict(resume)
-
 

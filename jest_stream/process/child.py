@@ -165,7 +165,8 @@ class _Loop:
             version, load_s = self._load_weights()
             batch = self.slots.batch(request.slot)
             ids = read_sample_ids(batch, attached_id_key(batch, self.spec.id_key))
-            selection = self.step.choose(batch, ids, request.epoch, request.index)
+            selection = self.step.choose(batch, ids, request.epoch, request.index,
+                                         request.plan)
         except Exception as error:
             replies.send(Failed(request.generation, request.request_id, request.slot.slot,
                                 traceback.format_exc(), _pickled_error(error)))

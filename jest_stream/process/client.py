@@ -45,6 +45,7 @@ from torch import Tensor
 from jest_stream.batch import Batch, attached_id_key, batch_length, read_sample_ids
 from jest_stream.config import ProcessSettings
 from jest_stream.errors import UsageError
+from jest_stream.policies import Plan
 from jest_stream.process.child import POLL_S, scorer_main
 from jest_stream.process.lifecycle import (
     Child,
@@ -125,6 +126,7 @@ class _Entry:
     slot: int | None = None
     transfer_s: float = 0.0
     request_id: int | None = None
+    plan: Plan | None = None
 
 
 @dataclass
@@ -168,6 +170,7 @@ class ProcessScoring:
         self._awaited: dict[int, _Entry] = {}
         self._answers: dict[int, _Answer] = {}
         self._held: list[_Entry] = []
+        self._plan_for: Callable[[int, int], Plan] = lambda epoch, index: Plan()
 
     # Life cycle
 
@@ -305,9 +308,12 @@ class ProcessScoring:
         fresh = self._child_allocations.get(entry.slot) != allocation
         request_id = self._next_request
         self._next_request += 1
+        if entry.plan is None:  # a re-score keeps the plan of the first scoring
+            entry.plan = self._plan_for(epoch, entry.index)
         message = ScoreRequest(generation=self._generation, request_id=request_id,
                                urgent=urgent, epoch=epoch, index=entry.index,
-                               slot=ring.request(entry.slot, with_buffers=fresh))
+                               slot=ring.request(entry.slot, with_buffers=fresh),
+                               plan=entry.plan)
         ring.add_user(entry.slot)
         self._send(message, f'super-batch {entry.index} of epoch {epoch}')
         self._child_allocations[entry.slot] = allocation
@@ -420,7 +426,8 @@ class ProcessScoring:
 
     # The epoch
 
-    def iter_epoch(self, batches: Iterator[Batch], epoch: int, start: int
+    def iter_epoch(self, batches: Iterator[Batch], epoch: int, start: int,
+                   plan_for: Callable[[int, int], Plan] = lambda epoch, index: Plan()
                    ) -> Iterator[tuple[int, _Entry, Batch | None]]:
         """Hand over one epoch: ``(index, entry, sub_batch)`` per super-batch; the sub-batch
         is None for a short super-batch (fewer than ``b`` rows), which is not scored.
@@ -429,6 +436,8 @@ class ProcessScoring:
             batches (Iterator[Batch]): Host super-batches of the epoch, from ``start`` on.
             epoch (int): The epoch.
             start (int): Index of the first super-batch.
+            plan_for (Callable): ``plan_for(epoch, index) -> Plan``, asked when a super-batch
+                is first sent for scoring.
 
         Raises:
             ScorerProcessError: The scorer process raised, died or stopped answering.
@@ -436,6 +445,7 @@ class ProcessScoring:
         """
         if self._child is None:
             self._start()
+        self._plan_for = plan_for
         self._abandon()
         self._generation += 1
         generation = self._generation

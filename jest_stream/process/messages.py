@@ -9,10 +9,12 @@ is allocated for them.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
+from jest_stream.policies import Plan
 from jest_stream.process.ring import SlotRequest
 from jest_stream.step import Selection
 
@@ -43,6 +45,7 @@ class ScoreRequest:
         epoch (int): Epoch of the super-batch.
         index (int): Its position in the epoch (fixes the selection generator).
         slot (SlotRequest): Where the super-batch is, and its structure.
+        plan (Plan): The policy's plan for it.
     """
 
     generation: int
@@ -51,6 +54,7 @@ class ScoreRequest:
     epoch: int
     index: int
     slot: SlotRequest
+    plan: Plan
 
 
 @dataclass(frozen=True)
@@ -96,6 +100,14 @@ class Fatal:
     traceback: str
 
 
+def _array(tensor: torch.Tensor | None) -> np.ndarray | None:
+    return None if tensor is None else tensor.numpy()
+
+
+def _tensor(array: np.ndarray | None) -> torch.Tensor | None:
+    return None if array is None else torch.from_numpy(array)
+
+
 @dataclass(frozen=True)
 class Scored:
     """The selection of a request, and the weights it was scored with.
@@ -104,13 +116,10 @@ class Scored:
         generation (int): Of the request.
         request_id (int): Of the request.
         slot (int): The ring slot it read (no longer in use by this request).
-        selected (np.ndarray): int64 indices, in selection order.
-        scores (np.ndarray | None): float32 self-scores of the candidates.
-        n_candidates (int): Candidates chosen from.
-        score_s (float): Seconds spent scoring.
-        select_s (float): Seconds spent selecting.
-        score_flops (int | None): FLOPs of scoring, when counted.
-        short (bool): The super-batch had fewer than ``b`` rows.
+        arrays (dict[str, np.ndarray | None]): The selection's tensors: ``selected``,
+            ``scores``, ``candidates``, ``candidate_ids``, ``weights``, and ``parts/<name>``.
+        numbers (dict[str, Any]): Its other fields (``n_candidates``, timings, FLOPs,
+            ``short``, ``policy``, ``extra``).
         version (int): Weight updates included in the weights it was scored with.
         load_s (float): Seconds spent copying weights before scoring.
     """
@@ -118,32 +127,31 @@ class Scored:
     generation: int
     request_id: int
     slot: int
-    selected: np.ndarray
-    scores: np.ndarray | None
-    n_candidates: int
-    score_s: float
-    select_s: float
-    score_flops: int | None
-    short: bool
+    arrays: dict[str, np.ndarray | None]
+    numbers: dict[str, Any]
     version: int
     load_s: float
 
     @classmethod
     def of(cls, request: ScoreRequest, selection: Selection, *, version: int, load_s: float
            ) -> Scored:
-        scores = None if selection.scores is None else selection.scores.numpy()
+        arrays = {name: _array(getattr(selection, name)) for name in _ARRAYS}
+        arrays.update({f'parts/{k}': v.numpy() for k, v in selection.parts.items()})
+        numbers = {name: getattr(selection, name) for name in _NUMBERS}
         return cls(generation=request.generation, request_id=request.request_id,
-                   slot=request.slot.slot, selected=selection.selected.numpy(), scores=scores,
-                   n_candidates=selection.n_candidates, score_s=selection.score_s,
-                   select_s=selection.select_s, score_flops=selection.score_flops,
-                   short=selection.short, version=version, load_s=load_s)
+                   slot=request.slot.slot, arrays=arrays, numbers=numbers, version=version,
+                   load_s=load_s)
 
     def selection(self) -> Selection:
         """The :class:`~jest_stream.step.Selection` this reply carries."""
-        scores = None if self.scores is None else torch.from_numpy(self.scores)
-        return Selection(selected=torch.from_numpy(self.selected), scores=scores,
-                         n_candidates=self.n_candidates, score_s=self.score_s,
-                         select_s=self.select_s, score_flops=self.score_flops, short=self.short)
+        tensors = {name: _tensor(self.arrays[name]) for name in _ARRAYS}
+        parts = {name.split('/', 1)[1]: _tensor(array) for name, array in self.arrays.items()
+                 if name.startswith('parts/')}
+        return Selection(**tensors, parts=parts, **self.numbers)
+
+
+_ARRAYS = ('selected', 'scores', 'candidates', 'candidate_ids', 'weights')
+_NUMBERS = ('n_candidates', 'policy', 'score_s', 'select_s', 'score_flops', 'short', 'extra')
 
 
 @dataclass(frozen=True)
