@@ -36,6 +36,7 @@ from jest_stream.losses import (
     per_example_cross_entropy,
     sigmoid_pair_losses,
 )
+from jest_stream.policies import AdaptivePressure, Quota, Schedule, SelectionPolicy
 from jest_stream.process import ScorerProcessError
 from jest_stream.scores import (
     Embeddings,
@@ -92,6 +93,10 @@ __all__ = [
     'ProcessSettings',
     'SelectionConfig',
     'SelectionStep',
+    'SelectionPolicy',
+    'Schedule',
+    'AdaptivePressure',
+    'Quota',
     'remove_stale_shared_memory',
     'SettingError',
     'SettingTypeError',
