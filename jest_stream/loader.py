@@ -40,7 +40,7 @@ from jest_stream.errors import SettingError, SettingTypeError, StateError, Usage
 from jest_stream.policies import Plan, Progress, SelectionPolicy
 from jest_stream.process import ProcessScoring, check_picklable
 from jest_stream.source import ID_KEY, ReadSettings, SuperBatchSource, make_source
-from jest_stream.step import STREAM, LocalScope, SelectionStep, StepResult
+from jest_stream.step import STREAM, LocalScope, Recorder, SelectionStep, StepResult
 from jest_stream.telemetry import LoaderTelemetry
 from jest_stream.transfer import DevicePrefetcher
 
@@ -163,6 +163,9 @@ class SelectiveLoader(DataLoader):
             mixing, adaptive pressure, quotas per group and importance weights (see
             :mod:`jest_stream.policies`); full pressure and nothing else by default. Its
             state is part of :meth:`state_dict`.
+        selection_log (Recorder, optional): Records every super-batch handed over (a
+            :class:`~jest_stream.log.SelectionLog`): flushed by :meth:`state_dict`, cut back
+            to the saved position by :meth:`load_state_dict`, closed by :meth:`close`.
 
     Raises:
         SettingError: A setting out of range or inconsistent (the message names it and the
@@ -181,7 +184,8 @@ class SelectiveLoader(DataLoader):
                  count_flops: bool = False, drop_last: bool = True, scoring: str = 'inline',
                  sync_every: int | None = None, max_staleness: int | None = None,
                  prefetch_depth: int | None = None, selection_scope: str = 'rank',
-                 policy: SelectionPolicy | None = None) -> None:
+                 policy: SelectionPolicy | None = None,
+                 selection_log: Recorder | None = None) -> None:
         if filter_ratio is None and super_batch_size is None:
             raise SettingError('give filter_ratio=... (the fraction of each super-batch left '
                                'out) or super_batch_size=...')
@@ -237,6 +241,7 @@ class SelectiveLoader(DataLoader):
         step.record = self._record
         step.stream_offsets = _stream_offsets(dataset, policy)
         self.policy = policy
+        self.selection_log = selection_log
         self.step = step
         self._next_epoch = 0
         self._epoch = 0
@@ -296,6 +301,8 @@ class SelectiveLoader(DataLoader):
         """
         if self._process is not None:
             self._process.close()
+        if self.selection_log is not None:
+            self.selection_log.close()
 
     def __enter__(self) -> SelectiveLoader:
         return self
@@ -326,6 +333,8 @@ class SelectiveLoader(DataLoader):
 
     def _record(self, result: StepResult) -> None:
         self.telemetry.record(result)
+        if self.selection_log is not None:
+            self.selection_log.record(result)
         self.policy.observe(self._progress(result.epoch, result.index).steps,
                             result.selection.learnability_mean(self.config.criterion.name))
 
@@ -368,6 +377,7 @@ class SelectiveLoader(DataLoader):
             'source': self.source.kind,
             'dataset': self.source.dataset_state(epoch, consumed),
             'policy': self.policy.state_dict(),
+            'log': None if self.selection_log is None else self.selection_log.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -387,6 +397,8 @@ class SelectiveLoader(DataLoader):
         self._check_state_matches(state)
         self.source.check_dataset_state(state['dataset'])
         self.policy.load_state_dict(state.get('policy', {}))
+        if self.selection_log is not None:
+            self.selection_log.load_state_dict(state.get('log') or {})
         self._resume = (int(state['epoch']), int(state['super_batches']))
         self._epoch, self._consumed = self._resume
         self._next_epoch = self._epoch

@@ -55,7 +55,7 @@ from jest_stream.selection import (
     uniform_select,
 )
 
-__all__ = ['Selection', 'StepResult', 'SelectionScope', 'LocalScope', 'SelectionStep',
+__all__ = ['Selection', 'StepResult', 'Recorder', 'SelectionScope', 'LocalScope', 'SelectionStep',
            'score_super_batch', 'WEIGHT_KEY', 'STREAM']
 
 #: Column of the importance weights in dict sub-batches (tuple sub-batches get a last field).
@@ -130,6 +130,8 @@ class StepResult:
             (device copy), ``score_s``, ``select_s`` (selection, gather and transform).
         extra (dict[str, float]): Path-specific numbers (staleness, communication...).
         sample_ids (LongTensor[n] | None): This rank's super-batch's sample ids.
+        batch (Batch | None): This rank's super-batch, for recorders that read columns of
+            it (labels, groups); valid during the ``record`` call only.
     """
 
     epoch: int
@@ -140,6 +142,25 @@ class StepResult:
     timings: dict[str, float]
     extra: dict[str, float] = field(default_factory=dict)
     sample_ids: Tensor | None = None
+    batch: Any = None
+
+
+class Recorder(Protocol):
+    """Something that keeps a record of every step handed over, and whose record must
+    follow the loader's position exactly (a selection log): it is flushed when the
+    position is saved, and cut back to it on resume."""
+
+    def record(self, result: StepResult) -> None:
+        """One super-batch handed over (``result.batch`` is valid during the call only)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """What must be saved with the loader's position (after everything is durable)."""
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume at the saved position: records made after it are dropped."""
+
+    def close(self) -> None:
+        """Flush and release files."""
 
 
 class SelectionScope(Protocol):
@@ -443,7 +464,7 @@ class SelectionStep:
                 epoch=epoch, index=index, drawn=int(sample_ids.shape[0]),
                 yielded=batch_length(sub), selection=selection, timings=times,
                 extra={**selection.extra, **self.scope.stats(), **(extra or {})},
-                sample_ids=sample_ids))
+                sample_ids=sample_ids, batch=batch))
         return sub
 
     def __call__(self, batch: Batch, sample_ids: Tensor, *, epoch: int, index: int,
