@@ -18,6 +18,7 @@ training frameworks can checkpoint it like any DataLoader.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -39,6 +40,7 @@ from jest_stream.distributed import GlobalScope, rank_and_world
 from jest_stream.errors import SettingError, SettingTypeError, StateError, UsageError
 from jest_stream.policies import Plan, Progress, SelectionPolicy
 from jest_stream.process import ProcessScoring, check_picklable
+from jest_stream.scoring.base import LearningScorer
 from jest_stream.source import ID_KEY, ReadSettings, SuperBatchSource, make_source
 from jest_stream.step import STREAM, LocalScope, Recorder, SelectionStep, StepResult
 from jest_stream.telemetry import LoaderTelemetry
@@ -205,6 +207,9 @@ class SelectiveLoader(DataLoader):
             check_bool(pin_memory, 'pin_memory')
         device = torch.device(device) if device is not None else _learner_device(scorer)
         policy = _check_policy(policy, config)
+        if isinstance(scorer, LearningScorer) and config.scope == 'global':
+            raise SettingError('a scorer that learns (a ProxyScorer) trains on the rows each '
+                               'rank selects: use it with selection_scope="rank"')
         step = SelectionStep(config, scorer,
                              scope=GlobalScope() if config.scope == 'global' else LocalScope(),
                              batch_transform=batch_transform)
@@ -242,6 +247,7 @@ class SelectiveLoader(DataLoader):
         step.stream_offsets = _stream_offsets(dataset, policy)
         self.policy = policy
         self.selection_log = selection_log
+        self._handed: tuple[int, int] | None = None  # last super-batch handed over
         self.step = step
         self._next_epoch = 0
         self._epoch = 0
@@ -296,10 +302,16 @@ class SelectiveLoader(DataLoader):
     def close(self) -> None:
         """Stop the scorer process and free its shared buffers; iterating again restarts it.
 
-        Does nothing with inline scoring. Called on exit from a ``with`` block and, at the
-        latest, when the loader is garbage collected or the interpreter exits.
+        A scorer that learns (a ProxyScorer) keeps what it learned in the scorer process: it
+        is brought back first, so that a restarted process continues from it. Called on exit
+        from a ``with`` block and, at the latest, when the loader is garbage collected or the
+        interpreter exits.
         """
         if self._process is not None:
+            if self.scorer_process is not None and isinstance(self.scorer, LearningScorer) \
+                    and self._handed is not None:
+                self.scorer.load_state_dict(self._scorer_state())
+                self._handed = None
             self._process.close()
         if self.selection_log is not None:
             self.selection_log.close()
@@ -332,6 +344,7 @@ class SelectiveLoader(DataLoader):
         return self.policy.plan(self._progress(epoch, index))
 
     def _record(self, result: StepResult) -> None:
+        self._handed = (result.epoch, result.index)
         self.telemetry.record(result)
         if self.selection_log is not None:
             self.selection_log.record(result)
@@ -378,7 +391,17 @@ class SelectiveLoader(DataLoader):
             'dataset': self.source.dataset_state(epoch, consumed),
             'policy': self.policy.state_dict(),
             'log': None if self.selection_log is None else self.selection_log.state_dict(),
+            'scorer': self._scorer_state(),
         }
+
+    def _scorer_state(self) -> dict[str, Any] | None:
+        """A learning scorer's state after the last super-batch handed over."""
+        if not isinstance(self.scorer, LearningScorer):
+            return None
+        process = self.scorer_process
+        if process is None or self._handed is None:
+            return self.scorer.state_dict()
+        return torch.load(io.BytesIO(process.scorer_state(*self._handed)), weights_only=False)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume from :meth:`state_dict`; call on a fresh loader before iterating it.
@@ -397,6 +420,7 @@ class SelectiveLoader(DataLoader):
         self._check_state_matches(state)
         self.source.check_dataset_state(state['dataset'])
         self.policy.load_state_dict(state.get('policy', {}))
+        self._load_scorer_state(state.get('scorer'))
         if self.selection_log is not None:
             self.selection_log.load_state_dict(state.get('log') or {})
         self._resume = (int(state['epoch']), int(state['super_batches']))
@@ -431,6 +455,18 @@ class SelectiveLoader(DataLoader):
             raise StateError(f'the state says {state["super_batches"]} super-batches of epoch '
                              f'{state["epoch"]} were handed over, but an epoch of this loader '
                              f'has {len(self)}: the state belongs to another dataset')
+
+    def _load_scorer_state(self, state: dict[str, Any] | None) -> None:
+        learns = isinstance(self.scorer, LearningScorer)
+        if learns and state is None:
+            raise StateError('the scorer learns (a ProxyScorer) but the state holds none of its '
+                             'state: it was saved by a loader with another scorer')
+        if not learns and state is not None:
+            raise StateError('the state holds a learning scorer\'s state (a ProxyScorer\'s) '
+                             'but this loader\'s scorer does not learn: resume with the scorer '
+                             'it was saved with')
+        if learns:
+            self.scorer.load_state_dict(state)
 
     def _begin_epoch(self) -> tuple[int, int]:
         self._started = True
@@ -477,7 +513,7 @@ class SelectiveLoader(DataLoader):
         if self._process is None:
             self._process = ProcessScoring(step=self.step, device=self.device, id_key=self.id_key)
         for index, entry, sub in self._process.iter_epoch(host_batches, epoch, start,
-                                                          self._plan):
+                                                          self._plan, self._handed):
             self._consumed = index + 1
             if sub is None and not self._drop(epoch, index, entry.n):
                 # A short super-batch is not scored: it is handed over whole, here.

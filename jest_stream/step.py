@@ -47,6 +47,7 @@ from jest_stream.policies import Plan, Quota
 from jest_stream.quotas import GroupQuota, proportional_counts, share_bounds
 from jest_stream.randomness import POLICY, SELECTION, derive_generator
 from jest_stream.scores import PerExampleScores
+from jest_stream.scoring.base import LearningScorer
 from jest_stream.scoring.checks import as_batch_scores
 from jest_stream.selection import (
     BatchScores,
@@ -354,15 +355,29 @@ class SelectionStep:
         if n_mixed:
             selected = torch.cat([selected, self._mix(n_candidates, selected, n_mixed,
                                                       constraint, policy_generator)])
+        select_s = time.perf_counter() - start
+        learn_s, proxy_flops = self._learn(batch, sample_ids, selected)
         selection = Selection(
             selected=selected.to(torch.long), scores=None, n_candidates=n_candidates,
-            candidates=rows, candidate_ids=self.scope.align(sample_ids), score_s=score_s,
-            score_flops=flops,
+            candidates=rows, candidate_ids=self.scope.align(sample_ids),
+            score_s=score_s + learn_s, select_s=select_s,
+            score_flops=flops if proxy_flops is None else (flops or 0) + proxy_flops,
+            extra={} if proxy_flops is None else {'proxy_flops': proxy_flops},
             weights=None if probabilities is None
             else (1.0 / (n_candidates * probabilities)).float())
         self._describe(selection, candidates, plan, n_select, constraint)
-        selection.select_s = time.perf_counter() - start
         return selection
+
+    def _learn(self, batch: Batch, sample_ids: Tensor, selected: Tensor
+               ) -> tuple[float, int | None]:
+        """A scorer with a model of its own (a proxy learner) learns from what it selected,
+        where it scores; the seconds it took and its FLOPs (when counted)."""
+        if not isinstance(self.scorer, LearningScorer) or not self.config.criterion.scores:
+            return 0.0, None
+        start = time.perf_counter()
+        flops = self.scorer.learn(batch, sample_ids, selected,
+                                  count_flops=self.config.count_flops)
+        return time.perf_counter() - start, flops
 
     def _select(self, scores: BatchScores | None, n_candidates: int, n_select: int,
                 constraint: GroupQuota | None, weights: bool, generator: torch.Generator

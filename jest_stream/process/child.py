@@ -16,6 +16,7 @@ This module does not import mosaicml-streaming, so the scorer process starts qui
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import queue
@@ -24,12 +25,13 @@ import sys
 import threading
 import time
 import traceback
-from collections import deque
+from collections import OrderedDict, deque
 from multiprocessing.connection import Connection
 
 import torch
 
 from jest_stream.batch import attached_id_key, read_sample_ids
+from jest_stream.errors import UsageError
 from jest_stream.process.lifecycle import ChildSpec, load_scorer
 from jest_stream.process.messages import (
     Failed,
@@ -39,10 +41,13 @@ from jest_stream.process.messages import (
     Request,
     Scored,
     ScoreRequest,
+    ScorerState,
     Skipped,
+    StateRequest,
     Stop,
 )
 from jest_stream.process.ring import SlotCache
+from jest_stream.scoring.base import LearningScorer
 from jest_stream.step import SelectionStep
 
 __all__ = ['scorer_main', 'POLL_S']
@@ -88,6 +93,45 @@ def _pickled_error(error: BaseException) -> bytes | None:
         return None
 
 
+class _ScorerMemory:
+    """The states of a learning scorer (a proxy learner) after recent super-batches.
+
+    It learns from every super-batch it scores, ahead of the trainer; the trainer's saved
+    position needs its state after the last super-batch handed over, and an abandoned
+    iteration must forget what was learned from super-batches never handed over.
+    """
+
+    def __init__(self, scorer: LearningScorer, keep: int) -> None:
+        self.scorer = scorer
+        self.keep = keep
+        self.initial = _save(scorer.state_dict())
+        self.states: OrderedDict[tuple[int, int], bytes] = OrderedDict()
+
+    def remember(self, epoch: int, index: int) -> None:
+        self.states[(epoch, index)] = _save(self.scorer.state_dict())
+        while len(self.states) > self.keep:
+            self.states.popitem(last=False)
+
+    def get(self, epoch: int, index: int) -> bytes | None:
+        return self.states.get((epoch, index))
+
+    def restore(self, position: tuple[int, int] | None) -> None:
+        data = self.initial if position is None else self.states.get(tuple(position))
+        if data is None:
+            raise UsageError(f'the scorer process no longer holds its state after super-batch '
+                             f'{position}: it kept the last {self.keep}')
+        self.scorer.load_state_dict(torch.load(io.BytesIO(data), weights_only=False))
+        # What was learned after that position is forgotten.
+        self.states = OrderedDict((k, v) for k, v in self.states.items()
+                                  if position is not None and k <= tuple(position))
+
+
+def _save(state: dict) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
+
+
 class _Loop:
     """The state of the scorer process's loop."""
 
@@ -101,6 +145,9 @@ class _Loop:
         self.pending: deque[ScoreRequest] = deque()
         self.newest_generation = 0
         self.loaded: int | None = None
+        depth = spec.config.process.prefetch_depth if spec.config.process is not None else 1
+        self.memory = _ScorerMemory(step.scorer, keep=2 * depth + 4) \
+            if isinstance(step.scorer, LearningScorer) else None
 
     def parent_gone(self) -> None:
         """Leave at once if the trainer process is gone (this process was re-parented)."""
@@ -133,6 +180,12 @@ class _Loop:
             raise message.error
         if isinstance(message, NewGeneration):
             self.newest_generation = max(self.newest_generation, message.generation)
+            if self.memory is not None:
+                self.memory.restore(message.restore)
+        elif isinstance(message, StateRequest):
+            data = None if self.memory is None else self.memory.get(message.epoch,
+                                                                    message.index)
+            self.spec.replies.send(ScorerState(message.epoch, message.index, data))
         elif isinstance(message, ScoreRequest):
             self.newest_generation = max(self.newest_generation, message.generation)
             if message.urgent:  # a re-score goes first
@@ -171,6 +224,8 @@ class _Loop:
             replies.send(Failed(request.generation, request.request_id, request.slot.slot,
                                 traceback.format_exc(), _pickled_error(error)))
             return
+        if self.memory is not None:
+            self.memory.remember(request.epoch, request.index)
         replies.send(Scored.of(request, selection, version=version, load_s=load_s))
 
 

@@ -64,7 +64,9 @@ from jest_stream.process.messages import (
     Request,
     Scored,
     ScoreRequest,
+    ScorerState,
     Skipped,
+    StateRequest,
 )
 from jest_stream.process.ring import BatchRing
 from jest_stream.process.weights import TensorSpec, WeightsTimeout, WeightSync, state_tensors
@@ -171,6 +173,7 @@ class ProcessScoring:
         self._answers: dict[int, _Answer] = {}
         self._held: list[_Entry] = []
         self._plan_for: Callable[[int, int], Plan] = lambda epoch, index: Plan()
+        self._states: dict[tuple[int, int], bytes | None] = {}
 
     # Life cycle
 
@@ -355,6 +358,9 @@ class ProcessScoring:
             return
         if isinstance(message, Fatal):
             raise self._fail(f'the scorer process failed:\n{message.traceback}')
+        if isinstance(message, ScorerState):
+            self._states[(message.epoch, message.index)] = message.data
+            return
         self._ring.drop_user(message.slot)
         if message.request_id not in self._awaited or message.generation != self._generation:
             return  # From an abandoned epoch, or superseded by a re-score.
@@ -384,6 +390,25 @@ class ProcessScoring:
                              f'{entry.index} of epoch {epoch}:\n{answer.failed.traceback}',
                              cause)
         return answer.scored
+
+    def scorer_state(self, epoch: int, index: int) -> bytes:
+        """A learning scorer's state after super-batch ``(epoch, index)``, from the scorer
+        process (``torch.save`` bytes).
+
+        Raises:
+            ScorerProcessError: It did not answer within ``timeout``, or no longer keeps it.
+        """
+        self._states.pop((epoch, index), None)
+        self._send(StateRequest(epoch, index), 'a request for the scorer\'s state')
+        deadline = time.monotonic() + self.timeout
+        while (epoch, index) not in self._states:
+            self._receive(deadline, f'the scorer\'s state after super-batch {index} of epoch '
+                                    f'{epoch}')
+        data = self._states.pop((epoch, index))
+        if data is None:
+            raise self._fail(f'the scorer process no longer keeps the scorer\'s state after '
+                             f'super-batch {index} of epoch {epoch}')
+        return data
 
     # Loading
 
@@ -427,7 +452,8 @@ class ProcessScoring:
     # The epoch
 
     def iter_epoch(self, batches: Iterator[Batch], epoch: int, start: int,
-                   plan_for: Callable[[int, int], Plan] = lambda epoch, index: Plan()
+                   plan_for: Callable[[int, int], Plan] = lambda epoch, index: Plan(),
+                   handed: tuple[int, int] | None = None
                    ) -> Iterator[tuple[int, _Entry, Batch | None]]:
         """Hand over one epoch: ``(index, entry, sub_batch)`` per super-batch; the sub-batch
         is None for a short super-batch (fewer than ``b`` rows), which is not scored.
@@ -438,6 +464,9 @@ class ProcessScoring:
             start (int): Index of the first super-batch.
             plan_for (Callable): ``plan_for(epoch, index) -> Plan``, asked when a super-batch
                 is first sent for scoring.
+            handed (tuple[int, int] | None): ``(epoch, index)`` of the last super-batch
+                handed over (None: none since the scorer process started); a learning scorer
+                goes back to its state after it.
 
         Raises:
             ScorerProcessError: The scorer process raised, died or stopped answering.
@@ -449,7 +478,7 @@ class ProcessScoring:
         self._abandon()
         self._generation += 1
         generation = self._generation
-        self._send(NewGeneration(generation), 'the start of an epoch')
+        self._send(NewGeneration(generation, restore=handed), 'the start of an epoch')
         entries: deque[_Entry] = deque()
         next_index = start
         exhausted = False

@@ -21,12 +21,14 @@ from jest_stream.step import Selection
 __all__ = [
     'ScoreRequest',
     'NewGeneration',
+    'StateRequest',
     'Stop',
     'Ready',
     'Fatal',
     'Scored',
     'Failed',
     'Skipped',
+    'ScorerState',
     'Request',
     'Reply',
 ]
@@ -59,9 +61,26 @@ class ScoreRequest:
 
 @dataclass(frozen=True)
 class NewGeneration:
-    """The loader started another iteration: skip requests of older ones."""
+    """The loader started another iteration: skip requests of older ones.
+
+    Attributes:
+        generation (int): The new iteration.
+        restore (tuple[int, int] | None): A scorer that learns (a proxy learner) goes back to
+            its state after this ``(epoch, index)``, the last super-batch handed over (None:
+            its state when the process started): what it learned from super-batches scored
+            ahead and never handed over is forgotten.
+    """
 
     generation: int
+    restore: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True)
+class StateRequest:
+    """Send the learning scorer's state after super-batch ``(epoch, index)``."""
+
+    epoch: int
+    index: int
 
 
 @dataclass(frozen=True)
@@ -155,6 +174,21 @@ _NUMBERS = ('n_candidates', 'policy', 'score_s', 'select_s', 'score_flops', 'sho
 
 
 @dataclass(frozen=True)
+class ScorerState:
+    """A learning scorer's state after ``(epoch, index)``, saved with ``torch.save``.
+
+    Attributes:
+        epoch (int): Of the request.
+        index (int): Of the request.
+        data (bytes | None): The state; None when it is no longer kept.
+    """
+
+    epoch: int
+    index: int
+    data: bytes | None
+
+
+@dataclass(frozen=True)
 class Failed:
     """The scorer raised on a request: its traceback, and the exception if it pickles."""
 
@@ -174,5 +208,5 @@ class Skipped:
     slot: int
 
 
-Request = ScoreRequest | NewGeneration | Stop
-Reply = Ready | Fatal | Scored | Failed | Skipped
+Request = ScoreRequest | NewGeneration | StateRequest | Stop
+Reply = Ready | Fatal | Scored | Failed | Skipped | ScorerState

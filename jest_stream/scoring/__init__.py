@@ -14,11 +14,12 @@ with a ``learner`` attribute (the module whose weights it reads, or None).
 """
 
 from jest_stream.errors import ScoreError
-from jest_stream.scoring.base import Scorer, scoring_mode
+from jest_stream.scoring.base import LearningScorer, Scorer, scoring_mode
 from jest_stream.scoring.checks import as_batch_scores, check_embeddings, check_per_example
 from jest_stream.scoring.classification import ClassificationScorer
 from jest_stream.scoring.contrastive import ContrastiveScorer
 from jest_stream.scoring.language_model import LanguageModelScorer, sequence_losses
+from jest_stream.scoring.proxy import ProxyScorer
 from jest_stream.scoring.reference import (
     ColumnReference,
     ReferenceTable,
@@ -32,6 +33,8 @@ __all__ = [
     'ColumnReference',
     'ContrastiveScorer',
     'LanguageModelScorer',
+    'LearningScorer',
+    'ProxyScorer',
     'ReferenceTable',
     'ScoreError',
     'Scorer',

@@ -19,7 +19,7 @@ from jest_stream.checks import check_int
 from jest_stream.criteria import Criterion
 from jest_stream.errors import SettingError
 
-__all__ = ['Scorer', 'ModelScorer', 'scoring_mode', 'iter_chunks', 'describe_ids',
+__all__ = ['Scorer', 'LearningScorer', 'ModelScorer', 'scoring_mode', 'iter_chunks', 'describe_ids',
            'check_chunk_size', 'check_transform']
 
 
@@ -36,6 +36,26 @@ class Scorer(Protocol):
 
     def __call__(self, batch: Batch, sample_ids: Tensor, criterion: Criterion) -> Any:
         ...
+
+
+@runtime_checkable
+class LearningScorer(Protocol):
+    """A scorer with a model of its own that learns from the selected rows (a proxy learner).
+
+    The selection step calls :meth:`learn` after each selection, where the scorer runs (the
+    scorer process, with ``scoring='process'``); its state is part of the loader's state.
+    """
+
+    def learn(self, batch: Batch, sample_ids: Tensor, rows: Tensor, *,
+              count_flops: bool = False) -> int | None:
+        """Learn from ``rows`` of the super-batch (the rows just selected); the FLOPs of it
+        when ``count_flops``."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Its state (copies)."""
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
 
 
 @contextlib.contextmanager

@@ -113,6 +113,15 @@ class ClassificationScorer(ModelScorer):
         return torch.as_tensor(require_output(reference.outputs(batch, sample_ids), 'loss',
                                               source=reference)), None
 
+    def training_loss(self, model: nn.Module, batch: Batch, sample_ids: Tensor) -> Tensor:
+        """The mean per-example loss of ``model`` on ``batch``, with gradients (what a proxy
+        learner trains on: :class:`~jest_stream.scoring.proxy.ProxyScorer`).
+
+        Returns:
+            Tensor: A scalar.
+        """
+        return self._losses(model, batch, sample_ids, self.input_transform)[0].mean()
+
     def __call__(self, batch: Batch, sample_ids: Tensor, criterion: Criterion) -> PerExampleScores:
         """Score a super-batch.
 

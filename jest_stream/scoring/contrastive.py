@@ -7,12 +7,14 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from jest_stream.batch import Batch, check_key, get_column
 from jest_stream.checks import check_choice
 from jest_stream.criteria import Criterion
 from jest_stream.errors import SettingTypeError
+from jest_stream.losses import sigmoid_pair_losses
 from jest_stream.scores import Embeddings, SigmoidPairScores, SoftmaxScores
 from jest_stream.scoring.base import ModelScorer, iter_chunks, scoring_mode
 from jest_stream.scoring.checks import as_embeddings, check_embeddings
@@ -96,6 +98,33 @@ class ContrastiveScorer(ModelScorer):
             require_output(out, 'temperature', source=reference),
             out.get('bias', 0.0) if self.loss == 'softmax'
             else require_output(out, 'bias', source=reference)).to(self.dtype)
+
+    def training_loss(self, model: nn.Module, batch: Batch, sample_ids: Tensor) -> Tensor:
+        """The contrastive loss of ``model`` on ``batch``, with gradients (what a proxy learner
+        trains on: :class:`~jest_stream.scoring.proxy.ProxyScorer`): the sigmoid loss summed
+        over all pairs divided by the batch size (SigLIP), or the symmetric InfoNCE loss.
+
+        Returns:
+            Tensor: A scalar.
+        """
+        n = len(sample_ids)
+        if self.forward is not None:
+            out = self.forward(model, batch)
+        else:
+            images = get_column(batch, self.image_key, setting='image_key')
+            texts = get_column(batch, self.text_key, setting='text_key')
+            transform = self.input_transform
+            out = model(transform(images) if transform is not None else images, texts)
+        checked = as_embeddings(out, loss=self.loss, what='proxy learner', setting='forward=')
+        # The raw outputs keep a learned temperature and bias in the graph.
+        image, text, temperature, bias = (checked.image, checked.text, checked.temperature,
+                                          checked.bias) if isinstance(out, Embeddings) \
+            else (*out, 0.0)[:4]
+        if self.loss == 'sigmoid':
+            return sigmoid_pair_losses(image, text, temperature, bias).sum() / n
+        logits = temperature * image @ text.T
+        targets = torch.arange(n, device=logits.device)
+        return 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets))
 
     def __call__(self, batch: Batch, sample_ids: Tensor, criterion: Criterion) -> BatchScores:
         """Score a super-batch.

@@ -373,6 +373,15 @@ class LanguageModelScorer(ModelScorer):
         stored = require_output(reference.outputs(batch, sample_ids), 'loss', source=reference)
         return torch.as_tensor(stored)
 
+    def training_loss(self, model: nn.Module, batch: Batch, sample_ids: Tensor) -> Tensor:
+        """The mean per-sequence loss of ``model`` on ``batch``, with gradients (what a proxy
+        learner trains on: :class:`~jest_stream.scoring.proxy.ProxyScorer`).
+
+        Returns:
+            Tensor: A scalar.
+        """
+        return self._losses(model, batch, sample_ids, self._columns(batch, sample_ids)).mean()
+
     def __call__(self, batch: Batch, sample_ids: Tensor, criterion: Criterion) -> PerExampleScores:
         """Score a super-batch of ``B`` sequences.
 
