@@ -17,6 +17,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from jest_stream.checks import check_bool, check_choice, check_int, check_number
 from jest_stream.criteria import Criterion, get_criterion
 from jest_stream.errors import SettingError, SettingTypeError
@@ -33,6 +35,7 @@ __all__ = [
 
 SCORING_MODES = ('inline', 'process')
 SELECTION_SCOPES = ('rank', 'global')
+AUTOCAST_DTYPES = (torch.bfloat16, torch.float16)
 
 _RATIO_HINT = ('the fraction of each super-batch left out: 0.8 keeps 1 in 5; 1.0 would keep '
                'nothing')
@@ -194,6 +197,9 @@ class SelectionConfig:
         timeout (float): Seconds any wait on another process (DataLoader workers, the scorer
             process) may last before it raises; 0 means no timeout, which only inline scoring
             accepts.
+        autocast (torch.dtype | None): Run the scoring forwards under ``torch.autocast`` in
+            this dtype (``torch.bfloat16`` or ``torch.float16``); None scores in the models'
+            own precision. Losses and scores are still computed in float32.
 
     Only ``b``, ``f`` or both may be unknown until the super-batch size is (in Composer, at
     ``FIT_START``): :meth:`sized` then fills them in.
@@ -211,6 +217,7 @@ class SelectionConfig:
     scope: str = 'rank'
     process: ProcessSettings | None = None
     timeout: float = 300.0
+    autocast: torch.dtype | None = None
 
     @classmethod
     def create(cls, *, batch_size: int | None = None, filter_ratio: float | None = None,
@@ -219,7 +226,8 @@ class SelectionConfig:
                seed: int | None = 0, count_flops: bool = False, selection_scope: str = 'rank',
                scoring: str = 'inline', sync_every: int | None = None,
                max_staleness: int | None = None, prefetch_depth: int | None = None,
-               timeout: float = 300.0) -> SelectionConfig:
+               timeout: float = 300.0, autocast: torch.dtype | None = None
+               ) -> SelectionConfig:
         """A configuration from the settings users pass to the loader or the algorithm.
 
         Args:
@@ -241,6 +249,7 @@ class SelectionConfig:
             max_staleness (int, optional): Process scoring only.
             prefetch_depth (int, optional): Process scoring only.
             timeout (float): Seconds any wait on another process may last.
+            autocast (torch.dtype, optional): Score under ``torch.autocast`` in this dtype.
 
         Returns:
             SelectionConfig: The validated configuration.
@@ -266,7 +275,7 @@ class SelectionConfig:
         return cls(batch_size=b, super_batch_size=big, filter_ratio=f, criterion=crit,
                    method=method, n_chunks=n_chunks, temperature=temperature, seed=seed,
                    count_flops=count_flops, scope=selection_scope, process=process,
-                   timeout=timeout)
+                   timeout=timeout, autocast=autocast)
 
     def __post_init__(self) -> None:
         b, f, big = self.batch_size, self.filter_ratio, self.super_batch_size
@@ -294,6 +303,9 @@ class SelectionConfig:
         if self.process is not None and not isinstance(self.process, ProcessSettings):
             raise SettingTypeError(f'process={self.process!r} must be ProcessSettings or None')
         self._check_timeout()
+        if self.autocast is not None and self.autocast not in AUTOCAST_DTYPES:
+            raise SettingError(f'autocast={self.autocast!r} must be torch.bfloat16 or '
+                               f'torch.float16 (or None to score in full precision)')
         if self.scope == 'global' and self.process is not None:
             raise SettingError('selection_scope="global" runs collectives in the trainer '
                                'process, so it needs scoring="inline"; use selection_scope='
@@ -347,7 +359,8 @@ class SelectionConfig:
             'filter_ratio': self.filter_ratio, 'criterion': self.criterion.name,
             'method': self.method, 'n_chunks': self.n_chunks, 'temperature': self.temperature,
             'seed': self.seed, 'count_flops': self.count_flops, 'selection_scope': self.scope,
-            'scoring': self.scoring, 'timeout': self.timeout}
+            'scoring': self.scoring, 'timeout': self.timeout,
+            'autocast': None if self.autocast is None else str(self.autocast)}
         if self.process is not None:
             out.update(dataclasses.asdict(self.process))
         return out

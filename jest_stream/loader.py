@@ -168,6 +168,9 @@ class SelectiveLoader(DataLoader):
         selection_log (Recorder, optional): Records every super-batch handed over (a
             :class:`~jest_stream.log.SelectionLog`): flushed by :meth:`state_dict`, cut back
             to the saved position by :meth:`load_state_dict`, closed by :meth:`close`.
+        autocast (torch.dtype, optional): Run the scoring forwards under ``torch.autocast``
+            in this dtype (``torch.bfloat16``, or ``torch.float16`` on CUDA): cheaper scoring
+            on accelerators; scores are still computed in float32.
 
     Raises:
         SettingError: A setting out of range or inconsistent (the message names it and the
@@ -187,7 +190,8 @@ class SelectiveLoader(DataLoader):
                  sync_every: int | None = None, max_staleness: int | None = None,
                  prefetch_depth: int | None = None, selection_scope: str = 'rank',
                  policy: SelectionPolicy | None = None,
-                 selection_log: Recorder | None = None) -> None:
+                 selection_log: Recorder | None = None,
+                 autocast: torch.dtype | None = None) -> None:
         if filter_ratio is None and super_batch_size is None:
             raise SettingError('give filter_ratio=... (the fraction of each super-batch left '
                                'out) or super_batch_size=...')
@@ -196,7 +200,7 @@ class SelectiveLoader(DataLoader):
             criterion=criterion, method=method, n_chunks=n_chunks, temperature=temperature,
             seed=seed, count_flops=count_flops, selection_scope=selection_scope,
             scoring=scoring, sync_every=sync_every, max_staleness=max_staleness,
-            prefetch_depth=prefetch_depth, timeout=timeout)
+            prefetch_depth=prefetch_depth, timeout=timeout, autocast=autocast)
         check_int(seed, 'seed')
         check_int(num_workers, 'num_workers', low=0)
         check_int(prefetch_factor, 'prefetch_factor', low=1)

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -40,7 +41,7 @@ import torch
 from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode
 
-from jest_stream.batch import Batch, batch_length, gather, get_column
+from jest_stream.batch import Batch, batch_length, flatten_columns, gather, get_column
 from jest_stream.config import SelectionConfig
 from jest_stream.errors import DataError, SettingError
 from jest_stream.policies import Plan, Quota
@@ -235,11 +236,19 @@ def score_super_batch(config: SelectionConfig, scorer: Any, batch: Batch, sample
     if not config.criterion.scores:
         return None, None
     n = int(sample_ids.shape[0])
-    if not config.count_flops:
-        return as_batch_scores(scorer(batch, sample_ids, config.criterion), n, sample_ids), None
-    with FlopCounterMode(display=False) as counter:
+    counter = FlopCounterMode(display=False) if config.count_flops else nullcontext()
+    with counter, _autocast(config.autocast, batch):
         raw = scorer(batch, sample_ids, config.criterion)
-    return as_batch_scores(raw, n, sample_ids), int(counter.get_total_flops())
+    flops = int(counter.get_total_flops()) if config.count_flops else None
+    return as_batch_scores(raw, n, sample_ids), flops
+
+
+def _autocast(dtype: torch.dtype | None, batch: Batch) -> Any:
+    """``torch.autocast`` on the device of the batch's tensors, or nothing."""
+    if dtype is None:
+        return nullcontext()
+    devices = [c.device.type for c in flatten_columns(batch)[0] if isinstance(c, Tensor)]
+    return torch.autocast(devices[0] if devices else 'cpu', dtype=dtype)
 
 
 def _groups(batch: Batch, sample_ids: Tensor, quota: Quota,

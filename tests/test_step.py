@@ -161,3 +161,38 @@ def test_collate_keeps_nested_structures_and_value_columns():
     sub = gather(batch, torch.tensor([2, 0]))
     assert sub['meta']['name'] == ['s2', 's0'] and sub['meta']['size'].tolist() == [2, 0]
     assert sub['tags'][0].tolist() == [2, 0] and sub['tags'][1] == ['t2', 't0']
+
+
+# Mixed precision for scoring
+
+class DtypeProbe(torch.nn.Module):
+    """A linear classifier that records the dtype of its outputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = tiny_classifier(0)
+        self.dtypes: set[torch.dtype] = set()
+
+    def forward(self, x):
+        out = self.inner(x)
+        self.dtypes.add(out.dtype)
+        return out
+
+
+@pytest.mark.parametrize('autocast', [None, torch.bfloat16])
+def test_autocast_runs_the_scoring_forwards_in_its_dtype(autocast):
+    probe = DtypeProbe()
+    scorer = ClassificationScorer(probe, None, input_key=0, target_key=1)
+    loader = SelectiveLoader(_tensors(40), batch_size=4, super_batch_size=20, scorer=scorer,
+                             criterion='hard_learner', autocast=autocast)
+    next(iter(loader))
+    assert probe.dtypes == {autocast or torch.float32}
+    assert loader.metrics['score_all_mean'] > 0  # scores are float32 losses either way
+    assert loader.config.describe()['autocast'] == (None if autocast is None else str(autocast))
+
+
+def test_autocast_refuses_other_dtypes():
+    from jest_stream import SettingError
+
+    with pytest.raises(SettingError, match='autocast=torch.float64'):
+        SelectionConfig.create(batch_size=4, super_batch_size=20, autocast=torch.float64)

@@ -139,6 +139,8 @@ class JESTAlgorithm(Algorithm):
             ``max_duration`` is available here), uniform mixing, adaptive pressure, quotas and
             importance weights (see :mod:`jest_stream.policies`). ``start``/``end`` are a
             schedule too: give one or the other.
+        autocast (torch.dtype, optional): Score under ``torch.autocast`` in this dtype, inside
+            the run's own precision context.
         eval_metric (str, optional): Name of an evaluation metric (``MulticlassAccuracy``)
             whose value at each ``EVAL_END`` is reported to the policy's
             :class:`~jest_stream.policies.AdaptivePressure`.
@@ -160,13 +162,14 @@ class JESTAlgorithm(Algorithm):
                  outside_window: str = 'uniform', id_key: str | int | None = 'sample_id',
                  batch_transform: Callable[[Batch], Batch] | None = None,
                  count_flops: bool = False, policy: SelectionPolicy | None = None,
-                 eval_metric: str | None = None) -> None:
+                 eval_metric: str | None = None, autocast: torch.dtype | None = None) -> None:
         if (filter_ratio is None) == (batch_size is None):
             raise SettingError('give exactly one of filter_ratio=... or batch_size=... (the '
                                'sub-batch size)')
         self.config = SelectionConfig.create(
             batch_size=batch_size, filter_ratio=filter_ratio, criterion=criterion, method=method,
-            n_chunks=n_chunks, temperature=temperature, seed=seed, count_flops=count_flops)
+            n_chunks=n_chunks, temperature=temperature, seed=seed, count_flops=count_flops,
+            autocast=autocast)
         crit = self.config.criterion
         if scorer_factory is not None and reference is not None:
             raise SettingError('give reference= to the default scorer, or build the scorer '
