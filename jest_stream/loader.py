@@ -71,7 +71,7 @@ class _LoaderPosition(IterableDataset):
     def state_dict(self, num_samples: int | None = None, from_beginning: bool = True
                    ) -> dict[str, Any]:
         loader = self._loader
-        if num_samples and loader._consumed >= len(loader):
+        if num_samples and loader._epoch_complete(loader._consumed):
             # A framework that checkpoints after the last batch of an epoch without having
             # ended the epoch (Composer when training stops there) still counts this epoch:
             # keep the position in it, so the epoch is not counted twice on resume.
@@ -234,7 +234,7 @@ class SelectiveLoader(DataLoader):
         samples = source.samples_per_rank()
         if samples == 0:
             raise SettingError('the dataset is empty: there is nothing to select from')
-        if samples < config.batch_size:
+        if samples is not None and samples < config.batch_size:
             raise SettingError(
                 f'the dataset gives each rank {samples} samples, fewer than batch_size='
                 f'{config.batch_size}: not one sub-batch can be filled; lower batch_size')
@@ -252,6 +252,9 @@ class SelectiveLoader(DataLoader):
         self.policy = policy
         self.selection_log = selection_log
         self._handed: tuple[int, int] | None = None  # last super-batch handed over
+        # Sub-batches handed over in the epochs before the current one, and in it: the steps
+        # of a schedule.
+        self._steps_before, self._handed_in_epoch = 0, 0
         self.step = step
         self._next_epoch = 0
         self._epoch = 0
@@ -328,8 +331,15 @@ class SelectiveLoader(DataLoader):
 
     def __len__(self) -> int:
         """Sub-batches per epoch: one per super-batch that can fill one (all of them with
-        ``drop_last=False``)."""
+        ``drop_last=False``).
+
+        Raises:
+            TypeError: The source is an iterable dataset of unknown length.
+        """
         per_rank = self.source.samples_per_rank()
+        if per_rank is None:
+            raise TypeError(f'the length of a {type(self.source.dataset).__name__} is not '
+                            f'known: an iterable dataset ends when it runs out')
         full, rest = divmod(per_rank, self.super_batch_size)
         if rest and (rest >= self.batch_size or not self.drop_last_short):
             full += 1
@@ -338,17 +348,18 @@ class SelectiveLoader(DataLoader):
     # The policy
 
     def _progress(self, epoch: int, index: int) -> Progress:
-        world = self.source.world_size
-        steps = epoch * len(self) + index
-        samples = (epoch * self.source.samples_per_rank() + index * self.super_batch_size) \
-            * world
-        return Progress(steps=steps, samples=samples)
+        """Steps and raw samples before super-batch ``index`` of ``epoch``, over all epochs:
+        the sub-batches handed over in earlier epochs, plus ``index``."""
+        steps = self._steps_before + index
+        return Progress(steps=steps, samples=steps * self.super_batch_size
+                        * self.source.world_size)
 
     def _plan(self, epoch: int, index: int) -> Plan:
         return self.policy.plan(self._progress(epoch, index))
 
     def _record(self, result: StepResult) -> None:
         self._handed = (result.epoch, result.index)
+        self._handed_in_epoch += 1
         self.telemetry.record(result)
         if self.selection_log is not None:
             self.selection_log.record(result)
@@ -378,9 +389,14 @@ class SelectiveLoader(DataLoader):
         the next epoch, whether or not the loop has asked the loader for more yet.
         """
         epoch, consumed = self._epoch, self._consumed
-        if consumed >= len(self):
+        if self._epoch_complete(consumed):
             epoch, consumed = epoch + 1, 0
         return self._state(epoch, consumed)
+
+    def _epoch_complete(self, consumed: int) -> bool:
+        """Whether ``consumed`` super-batches are the whole epoch (an iterable source of
+        unknown length says so only when it runs out, at the end of the iteration)."""
+        return self.source.samples_per_rank() is not None and consumed >= len(self)
 
     def _state(self, epoch: int, consumed: int) -> dict[str, Any]:
         return {
@@ -396,7 +412,13 @@ class SelectiveLoader(DataLoader):
             'policy': self.policy.state_dict(),
             'log': None if self.selection_log is None else self.selection_log.state_dict(),
             'scorer': self._scorer_state(),
+            'steps_before_epoch': self._steps_before_epoch(epoch),
         }
+
+    def _steps_before_epoch(self, epoch: int) -> int:
+        if epoch == self._epoch:
+            return self._steps_before
+        return self._steps_before + self._handed_in_epoch  # the position rolled over
 
     def _scorer_state(self) -> dict[str, Any] | None:
         """A learning scorer's state after the last super-batch handed over."""
@@ -429,6 +451,10 @@ class SelectiveLoader(DataLoader):
             self.selection_log.load_state_dict(state.get('log') or {})
         self._resume = (int(state['epoch']), int(state['super_batches']))
         self._epoch, self._consumed = self._resume
+        steps = state.get('steps_before_epoch')
+        if steps is None:  # version 1: sized sources only
+            steps = self._resume[0] * len(self)
+        self._steps_before, self._handed_in_epoch = int(steps), self._resume[1]
         self._next_epoch = self._epoch
         self.source.load_dataset_state(state['dataset'])
 
@@ -436,9 +462,9 @@ class SelectiveLoader(DataLoader):
         source = state.get('source', _infer_source(state['dataset']))
         if source != self.source.kind:
             raise StateError(
-                f'the state comes from a loader over a {source} dataset, but this loader reads '
-                f'a {self.source.kind} one: load it into a loader over the dataset it was '
-                f'saved from')
+                f'the state comes from a loader over {_a(source)} dataset, but this loader '
+                f'reads {_a(self.source.kind)} one: load it into a loader over the dataset it '
+                f'was saved from')
         if state['seed'] != self.seed:
             raise StateError(f'the saved loader had seed={state["seed"]} but this one has '
                              f'seed={self.seed}; resume with the same seed or selections will '
@@ -455,7 +481,7 @@ class SelectiveLoader(DataLoader):
                     f'on {world} (global {mine * world}); resume with the same global '
                     f'{key} or selections will not continue exactly')
         # With the same global sizes, an epoch has as many super-batches on any world size.
-        if state['super_batches'] > len(self):
+        if self.source.samples_per_rank() is not None and state['super_batches'] > len(self):
             raise StateError(f'the state says {state["super_batches"]} super-batches of epoch '
                              f'{state["epoch"]} were handed over, but an epoch of this loader '
                              f'has {len(self)}: the state belongs to another dataset')
@@ -479,10 +505,18 @@ class SelectiveLoader(DataLoader):
             self._resume = None
         else:
             epoch, start = self._next_epoch, 0
+        if epoch != self._epoch:  # the epoch before is over: count what it handed over
+            self._steps_before += self._handed_in_epoch
+            self._handed_in_epoch = 0
         self._next_epoch = epoch + 1
         self._epoch, self._consumed = epoch, start
         self.telemetry.start_epoch()
         return epoch, start
+
+    def _end_epoch(self, epoch: int) -> None:
+        self._steps_before += self._handed_in_epoch
+        self._handed_in_epoch = 0
+        self._epoch, self._consumed = epoch + 1, 0
 
     # The data path
 
@@ -504,7 +538,7 @@ class SelectiveLoader(DataLoader):
             self._consumed = index
             if sub is not None:
                 yield sub
-        self._epoch, self._consumed = epoch + 1, 0
+        self._end_epoch(epoch)
 
     def _drop(self, epoch: int, index: int, n: int) -> bool:
         if self.drop_last_short:
@@ -527,7 +561,7 @@ class SelectiveLoader(DataLoader):
                                        epoch=epoch, index=index, timings={'wait_s': entry.wait_s})
             if sub is not None:
                 yield sub
-        self._epoch, self._consumed = epoch + 1, 0
+        self._end_epoch(epoch)
 
 
 def _check_policy(policy: SelectionPolicy | None, config: SelectionConfig) -> SelectionPolicy:
@@ -552,6 +586,10 @@ def _stream_offsets(dataset: Any, policy: SelectionPolicy) -> tuple[int, ...] | 
         raise SettingError(f'Quota(key={STREAM!r}) groups samples by the stream they came '
                            f'from, which only a StreamingDataset knows; give a column instead')
     return tuple(int(offset) for offset in offsets)
+
+
+def _a(word: str) -> str:
+    return f'{"an" if word[0] in "aeiou" else "a"} {word}'
 
 
 def _infer_source(dataset_state: Any) -> str:
@@ -584,6 +622,6 @@ def _check_state_fields(state: Any) -> None:
     if state['super_batch_size'] < state['batch_size']:
         raise StateError(f'the loader state has super_batch_size={state["super_batch_size"]} < '
                          f'batch_size={state["batch_size"]}')
-    if state.get('source') not in (None, 'map', 'streaming'):
-        raise StateError(f'the loader state has source={state["source"]!r}; expected "map" or '
-                         f'"streaming"')
+    if state.get('source') not in (None, 'map', 'streaming', 'iterable'):
+        raise StateError(f'the loader state has source={state["source"]!r}; expected "map", '
+                         f'"streaming" or "iterable"')

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from jest_stream.batch import Batch, collate_samples
 from jest_stream.errors import SettingError, SettingTypeError, StateError, UsageError
 from jest_stream.interrupts import interrupts_deferred
+from jest_stream.iterable import IterableSource
 from jest_stream.randomness import SHUFFLE, derive_generator
 
 __all__ = [
@@ -101,8 +102,8 @@ class SuperBatchSource(ABC):
     kind: str
 
     @abstractmethod
-    def samples_per_rank(self) -> int:
-        """Samples this rank reads per epoch."""
+    def samples_per_rank(self) -> int | None:
+        """Samples this rank reads per epoch (None when unknown: an iterable source)."""
 
     @abstractmethod
     def iter_epoch(self, epoch: int, start: int) -> Iterator[Batch]:
@@ -309,17 +310,26 @@ class MapSource(SuperBatchSource):
 def make_source(dataset: Dataset | StreamingDataset, *, super_batch_size: int, shuffle: bool,
                 seed: int, rank: int, world_size: int, read: ReadSettings,
                 id_key: str | int) -> SuperBatchSource:
-    """The source that fits ``dataset``: streaming, or map-style with ``__len__``.
+    """The source that fits ``dataset``: streaming, iterable, or map-style with ``__len__``.
 
     Raises:
-        SettingTypeError: ``dataset`` is neither.
+        SettingTypeError: ``dataset`` is none of them.
+        SettingError: Workers asked for an iterable dataset.
     """
     if isinstance(dataset, StreamingDataset):
         return StreamingSource(dataset, super_batch_size=super_batch_size, read=read)
-    if isinstance(dataset, IterableDataset) or not hasattr(dataset, '__len__'):
+    if isinstance(dataset, IterableDataset):
+        if read.num_workers:
+            raise SettingError(
+                f'num_workers={read.num_workers}: an iterable dataset is read in the trainer\'s '
+                f'process, where its state follows the position exactly; use num_workers=0 '
+                f'(or write the data as MDS shards with streaming.MDSWriter to read it with '
+                f'workers)')
+        return IterableSource(dataset, super_batch_size=super_batch_size, rank=rank,
+                              world_size=world_size, id_key=id_key)
+    if not hasattr(dataset, '__len__') or not hasattr(dataset, '__getitem__'):
         raise SettingTypeError(
-            f'dataset must be a StreamingDataset or a map-style torch Dataset with __len__, got '
-            f'{type(dataset).__name__}; write other iterables as MDS shards with '
-            f'streaming.MDSWriter')
+            f'dataset must be a StreamingDataset, a map-style torch Dataset with __len__, or '
+            f'a torch IterableDataset; got {type(dataset).__name__}')
     return MapSource(_IndexedDataset(dataset, id_key), super_batch_size=super_batch_size,
                      shuffle=shuffle, seed=seed, rank=rank, world_size=world_size, read=read)

@@ -111,3 +111,32 @@ def streaming_worker(rank: int, world: int, port: int, out_dir: Path, mds_dir: s
             epochs.append(ids)
         (out_dir / f'rank{rank}.json').write_text(json.dumps({'epochs': epochs,
                                                                'len': len(loader)}))
+
+
+def hugging_face_pool(n: int, *, shards: int = 4):
+    """A real Hugging Face ``datasets.IterableDataset`` over the toy task, with an id column."""
+    import datasets
+
+    x, y = features_and_labels(n)
+    table = {'x': [row.tolist() for row in x], 'y': y.tolist(),
+             'uid': list(range(1000, 1000 + n))}
+    return datasets.Dataset.from_dict(table).with_format('torch').to_iterable_dataset(
+        num_shards=shards)
+
+
+def iterable_worker(rank: int, world: int, port: int, out_dir: Path) -> None:
+    """Two epochs over an iterable dataset split by node with uneven parts: no rank hangs."""
+    with process_group(rank, world, port):
+        scorer = ClassificationScorer(tiny_classifier(0), tiny_classifier(1), input_key='x',
+                                      target_key='y')
+        # 7 shards over 2 ranks: the ranks' parts differ in size.
+        loader = SelectiveLoader(hugging_face_pool(230, shards=7), batch_size=4,
+                                 filter_ratio=0.8, scorer=scorer, id_key='uid')
+        epochs = []
+        for _ in range(2):
+            ids = []
+            for batch in loader:
+                ids.append(batch['uid'].tolist())
+                dist.all_reduce(torch.ones(1))  # as DDP would
+            epochs.append(ids)
+        (out_dir / f'rank{rank}.json').write_text(json.dumps({'epochs': epochs}))
