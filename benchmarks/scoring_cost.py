@@ -2,7 +2,7 @@
 
 Run it from the repository root::
 
-    python -m benchmarks.scoring_cost            # about 2 minutes on two CPU cores
+    python -m benchmarks.scoring_cost            # under a minute on two CPU cores
     python -m benchmarks.scoring_cost --quick    # a smoke run
     python -m benchmarks.scoring_cost --gpu      # also on CUDA, where it exists
 
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> None:
                         help='where the MDS data is built once')
     args = parser.parse_args(argv)
     run = start_run(NAME, argv, threads=args.threads or 1)
-    rounds = 5 if args.quick else 40
+    rounds = 5 if args.quick else 120
     record: dict[str, Any] = {}
     devices = [torch.device('cpu')]
     if args.gpu and torch.cuda.is_available():
