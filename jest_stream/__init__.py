@@ -20,6 +20,7 @@ from jest_stream.errors import (
     StateError,
     UsageError,
 )
+from jest_stream.export import SampleSubset, read_ids
 from jest_stream.flexi import (
     FlexiForward,
     FlexiPatchEmbed,
@@ -31,6 +32,7 @@ from jest_stream.flexi import (
     split_mixed_resolution,
 )
 from jest_stream.flops import count_flops, forward_flops, score_flops, train_step_flops
+from jest_stream.log import LogError, SelectionLog, log_metrics, read_log
 from jest_stream.losses import (
     infonce_conditional_losses,
     per_example_cross_entropy,
@@ -103,6 +105,12 @@ __all__ = [
     'SettingTypeError',
     'StateError',
     'UsageError',
+    'SelectionLog',
+    'LogError',
+    'read_log',
+    'log_metrics',
+    'SampleSubset',
+    'read_ids',
     'model_checksum',
     'dataset_fingerprint',
     'annotate',

@@ -6,6 +6,8 @@ such function and listing it there.
 
     jest-stream annotate   a reference model's outputs for every sample, into a cache
     jest-stream validate   check every shard and sample of a local MDS dataset
+    jest-stream report     summaries and plots of a selection log
+    jest-stream export     the ids a selection log selected most (or least) often
 """
 
 from __future__ import annotations
@@ -163,8 +165,89 @@ def _run_validate(args: argparse.Namespace) -> int:
     return 1
 
 
-COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (_add_annotate,
-                                                                       _add_validate)
+def _add_report(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        'report', help='summaries and plots of a selection log',
+        description=(
+            'Read a selection log (jest_stream.log.SelectionLog) and write report.json, PNG plots '
+            '(score quantiles over time, shares of each group among the selected, how often '
+            'each sample was selected, learner against reference losses, the share of flagged '
+            'samples among the selected) and index.html, which shows them. Prints the summary.'))
+    parser.add_argument('log', metavar='LOGDIR', help='the folder of the selection log')
+    parser.add_argument('--out', help='folder of the report (default: LOGDIR/report)')
+    parser.add_argument('--window', type=int, metavar='STEPS',
+                        help='steps per window of the curves (default: about 50 windows)')
+    parser.add_argument('--groups', nargs='*', metavar='COLUMN',
+                        help='logged columns to show the shares of (default: stream and '
+                        'columns with few integer or string values)')
+    parser.add_argument('--flags', nargs='*', metavar='COLUMN',
+                        help='logged flag columns (bool or 0/1, e.g. a noise flag; default: '
+                        'all of them)')
+    parser.add_argument('--max-points', type=int, default=5000,
+                        help='points of the learner-reference scatter (default 5000)')
+    parser.add_argument('--no-plots', action='store_true',
+                        help='only report.json and the printed summary (no matplotlib needed)')
+    parser.add_argument('--no-progress', action='store_true', help='no progress bars')
+    parser.set_defaults(run=_run_report)
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from jest_stream.report import write_report
+
+    out = Path(args.out) if args.out else Path(args.log) / 'report'
+    report = write_report(args.log, out, window=args.window, groups=args.groups,
+                          flags=args.flags, max_points=args.max_points,
+                          plots=not args.no_plots, progress=not args.no_progress)
+    print(json.dumps(report['summary'], indent=1))
+    counts = report['counts']
+    if counts['samples']:
+        print(f'{counts["samples"]} samples were candidates; '
+              f'{counts["never_selected_fraction"]:.1%} were never selected')
+    for column, flagged in report['flags'].items():
+        if flagged['kept_ratio'] is not None:
+            print(f'{column}: {flagged["overall"]["selected"]:.1%} of the selected, '
+                  f'{flagged["overall"]["candidates"]:.1%} of the candidates')
+    print(f'wrote {", ".join(report["files"])} to {out}')
+    return 0
+
+
+def _add_export(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        'export', help='the ids a selection log selected most (or least) often',
+        description=(
+            'Rank the samples of a selection log by how often selection took them when they '
+            'were candidates, and write the ids of the top (or bottom) fraction as .npy or '
+            '.parquet: a curated subset to train on (read it back with '
+            'jest_stream.export.read_ids and SampleSubset).'))
+    parser.add_argument('log', metavar='LOGDIR', help='the folder of the selection log')
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument('--top', type=float, metavar='FRACTION',
+                       help='keep this fraction of the samples, the most selected')
+    which.add_argument('--bottom', type=float, metavar='FRACTION',
+                       help='keep this fraction, the least selected')
+    parser.add_argument('--out', required=True, help='ids file: .npy or .parquet')
+    parser.add_argument('--min-candidates', type=int, default=1, metavar='N',
+                        help='rank only samples that were candidates at least N times')
+    parser.set_defaults(run=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from jest_stream.export import export_ids
+
+    result = export_ids(args.log, args.out, top=args.top, bottom=args.bottom,
+                        min_candidates=args.min_candidates)
+    rates = '' if result['rate_chosen'] is None else (
+        f' (mean selection rate {result["rate_chosen"]:.3f}, against '
+        f'{result["rate_ranked"]:.3f} over all ranked samples)')
+    print(f'wrote {result["ids"]} of {result["ranked"]} ranked sample ids to '
+          f'{result["path"]}{rates}')
+    return 0
+
+
+COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
+    _add_annotate, _add_validate, _add_report, _add_export)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,217 @@
+"""Reports and exports from a selection log: the pure summaries on a log whose answers are
+known, ``jest-stream report`` and ``jest-stream export`` on a log a real loader wrote, and
+the exported ids read back as a filtered dataset."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+from helpers.data import features_and_labels, write_mds
+from helpers.models import tiny_classifier
+from jest_stream import (
+    ClassificationScorer,
+    SampleIdStreamingDataset,
+    SampleSubset,
+    SelectionLog,
+    SelectiveLoader,
+    SettingError,
+    read_ids,
+)
+from jest_stream.cli import main
+from jest_stream.errors import DataError
+from jest_stream.export import choose_ids, selection_rates, write_ids
+from jest_stream.log import FIXED_COLUMNS, read_log
+from jest_stream.report import (
+    ReportDependencyError,
+    build_report,
+    detect_columns,
+    flagged_fraction,
+    group_shares,
+    score_quantiles,
+    score_scatter,
+    selection_counts,
+    summarise,
+    write_report,
+)
+
+# Four samples drawn at each of four steps. Sample 0 is selected every time, 1 and 2 twice,
+# 3 never (and is no candidate at step 3); 0 and 1 have label 0, 2 label 1, 3 label 2;
+# 3 is noisy.
+SELECTED = {0: (0, 1), 1: (0, 2), 2: (0, 1), 3: (0, 2)}
+
+
+def _known_log() -> pa.Table:
+    steps = np.repeat(np.arange(4), 4)
+    ids = np.tile(np.arange(4), 4)
+    selected = np.array([i in SELECTED[s] for s, i in zip(steps, ids, strict=True)])
+    candidate = ~((steps == 3) & (ids == 3))
+    learner = (ids + steps).astype(np.float32)
+    order = np.full(16, -1, dtype=np.int32)
+    for s, chosen in SELECTED.items():
+        order[4 * s + np.array(chosen)] = [0, 1]
+    columns = {
+        'step': steps, 'epoch': steps // 2, 'index': steps % 2, 'rank': np.zeros(16, np.int16),
+        'row': ids, 'sample_id': ids, 'candidate': candidate, 'selected': selected,
+        'order': order, 'score': pa.array(learner - 1, mask=~candidate),
+        'learner': pa.array(learner, mask=~candidate),
+        'reference': pa.array(np.ones(16, np.float32), mask=~candidate),
+        'weight': pa.nulls(16, pa.float32()), 'n_candidates': np.where(steps == 3, 3, 4),
+        'pressure': np.ones(16, np.float32), 'mix': np.zeros(16, np.float32),
+        'filter_ratio_now': np.where(steps == 3, 1 / 3, 0.5).astype(np.float32),
+        'label': np.array([0, 0, 1, 2])[ids], 'noisy': ids == 3,
+    }
+    table = pa.table(columns)
+    assert table.column_names[:len(FIXED_COLUMNS)] == list(FIXED_COLUMNS)
+    return table
+
+
+def test_summaries_of_a_log_with_known_answers():
+    table = _known_log()
+    assert detect_columns(table) == (['label'], ['noisy'])
+    shares = group_shares(table, 'label', window=2)
+    assert shares['step'] == [0, 2] and shares['groups'] == ['0', '1', '2']
+    assert shares['selected'] == {'0': [0.75, 0.75], '1': [0.25, 0.25], '2': [0.0, 0.0]}
+    assert shares['candidates']['0'] == pytest.approx([0.5, 4 / 7])
+    assert shares['candidates']['2'] == pytest.approx([0.25, 1 / 7])
+    assert shares['overall']['1'] == {'selected': 0.25, 'candidates': pytest.approx(4 / 15)}
+    flagged = flagged_fraction(table, 'noisy', window=2)
+    assert flagged['selected'] == [0.0, 0.0]
+    assert flagged['candidates'] == pytest.approx([0.25, 1 / 7])
+    assert flagged['overall']['candidates'] == pytest.approx(0.2) and flagged['kept_ratio'] == 0
+    counts = selection_counts(table)
+    assert counts['samples'] == 4 and counts['never_selected_fraction'] == 0.25
+    assert counts['histogram'] == {'times': [0, 1, 2, 3, 4], 'samples': [1, 0, 2, 0, 1]}
+    assert counts['mean_selected'] == 2.0 and counts['mean_rate'] == pytest.approx(0.5)
+    quantiles = score_quantiles(table, window=2, quantiles=(0.0, 0.5, 1.0))
+    # Window 0: learner losses of the selected are 0, 1 (step 0) and 1, 3 (step 1).
+    assert quantiles['learner']['selected'][0] == [0.0, 1.0, 3.0]
+    assert quantiles['learner']['candidates'][1] == [2.0, 4.0, 5.0]  # 2 3 4 5, 3 4 5
+    assert quantiles['reference']['selected'] == [[1.0, 1.0, 1.0]] * 2
+    scatter = score_scatter(table, max_points=5)
+    assert scatter['candidates'] == 15 and scatter['shown'] == 5 == len(scatter['learner'])
+    summary = summarise(table)
+    assert (summary['rows'], summary['steps'], summary['candidate_rows'],
+            summary['selected_rows']) == (16, 4, 15, 8)
+    assert summary['scores']['learner']['selected'] == pytest.approx(np.mean([0, 1, 1, 3, 2, 3,
+                                                                              3, 5]))
+    assert summary['policy']['filter_ratio_now']['last'] == pytest.approx(1 / 3)
+    report = build_report(table, window=2)
+    assert set(report['groups']) == {'label'} and set(report['flags']) == {'noisy'}
+    json.dumps(report)  # plain values only
+    with pytest.raises(SettingError, match="'colour' is not a column"):
+        build_report(table, groups=['colour'])
+
+
+def test_export_ranks_by_selection_rate_then_count_then_id():
+    rates = selection_rates(_known_log())
+    assert rates['sample_id'].tolist() == [0, 1, 2, 3]
+    assert rates['candidate'].tolist() == [4, 4, 4, 3]
+    assert rates['rate'].tolist() == [1.0, 0.5, 0.5, 0.0]
+    assert choose_ids(rates, top=0.5).tolist() == [0, 1]
+    assert choose_ids(rates, bottom=0.25).tolist() == [3]
+    assert choose_ids(rates, bottom=0.5).tolist() == [1, 3]
+    assert choose_ids(rates, bottom=1.0, min_candidates=4).tolist() == [0, 1, 2]
+    for kwargs in ({}, {'top': 0.5, 'bottom': 0.5}, {'top': 0.0}, {'top': 1.5}):
+        with pytest.raises(SettingError):
+            choose_ids(rates, **kwargs)
+
+
+def _write_log(tmp_path, n: int = 400):
+    """A real loader's log, two epochs over an MDS dataset with a flag column ``noisy``."""
+    noisy = np.random.default_rng(0).random(n) < 0.3
+    mds = write_mds(tmp_path / 'mds', n, extra={'noisy': ('int', noisy.astype(np.int64))})
+    dataset = SampleIdStreamingDataset(local=str(mds), batch_size=50, shuffle=True,
+                                       shuffle_seed=1, num_canonical_nodes=1)
+    scorer = ClassificationScorer(tiny_classifier(0), tiny_classifier(1), input_key='x',
+                                  target_key='y')
+    log = SelectionLog(tmp_path / 'log', columns={'label': 'y', 'noisy': 'noisy'},
+                       max_rows_per_file=300)
+    loader = SelectiveLoader(dataset, batch_size=10, filter_ratio=0.8, scorer=scorer, seed=2,
+                             selection_log=log)
+    for _ in range(2):
+        for _ in loader:
+            pass
+    loader.close()
+    return mds, tmp_path / 'log'
+
+
+def test_report_and_export_commands_on_a_real_log(tmp_path, capsys):
+    mds, log = _write_log(tmp_path)
+    out = tmp_path / 'report'
+    assert main(['report', str(log), '--out', str(out), '--no-progress', '--window', '4']) == 0
+    printed = capsys.readouterr().out
+    assert '"steps": 16' in printed and 'never selected' in printed and 'noisy:' in printed
+    report = json.loads((out / 'report.json').read_text())
+    assert report['window'] == 4 and set(report['flags']) == {'noisy'}
+    assert set(report['groups']) == {'label'} and report['summary']['rows'] == 800
+    expected = {'scores.png', 'selection_counts.png', 'scatter.png', 'share_label.png',
+                'flagged_noisy.png', 'index.html', 'report.json'}
+    assert set(report['files']) == expected == {p.name for p in out.iterdir()}
+    import matplotlib.image
+
+    assert matplotlib.image.imread(out / 'scores.png').shape[2] in (3, 4)
+    page = (out / 'index.html').read_text()
+    assert all(f'src="{name}"' in page for name in expected if name.endswith('.png'))
+
+    ids_file = tmp_path / 'ids.npy'
+    assert main(['export', str(log), '--top', '0.5', '--out', str(ids_file)]) == 0
+    assert 'wrote 200 of 400 ranked sample ids' in capsys.readouterr().out
+    ids = read_ids(ids_file)
+    rates = selection_rates(read_log(log))
+    assert rates['rate'][np.isin(rates['sample_id'], ids)].min() \
+        >= rates['rate'][~np.isin(rates['sample_id'], ids)].max()
+    assert main(['export', str(log), '--bottom', '0.1', '--out', str(tmp_path / 'b.parquet')]) \
+        == 0
+    import pandas as pd
+
+    bottom = pd.read_parquet(tmp_path / 'b.parquet')
+    assert len(bottom) == 40 and list(bottom.columns) == ['sample_id', 'candidate', 'selected',
+                                                          'rate']
+    assert read_ids(tmp_path / 'b.parquet').tolist() == bottom['sample_id'].tolist()
+
+    # Read back as a filtered dataset: a loader over the subset sees exactly those samples.
+    subset = SampleSubset(SampleIdStreamingDataset(local=str(mds), batch_size=50,
+                                                   shuffle=False, num_canonical_nodes=1), ids)
+    loader = SelectiveLoader(subset, batch_size=25, filter_ratio=0.0, criterion='uniform',
+                             drop_last=False, seed=0)
+    seen = [i for batch in loader for i in batch['sample_id'].tolist()]
+    assert sorted(seen) == ids.tolist()
+
+
+def test_report_errors_are_one_line_naming_the_folder_and_the_fix(tmp_path, capsys,
+                                                                 monkeypatch):
+    assert main(['report', str(tmp_path)]) == 1
+    assert 'no selection log files' in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, 'matplotlib', None)  # as if it were not installed
+    with pytest.raises(ReportDependencyError, match=r"jest-stream\[report\]"):
+        write_report(tmp_path, tmp_path / 'out')
+    assert main(['export', str(tmp_path), '--top', '0.5', '--out', str(tmp_path / 'x.csv')]) \
+        == 1
+    assert 'no selection log files' in capsys.readouterr().err
+
+
+def test_sample_subset_keeps_global_ids_and_ids_files_are_checked(tmp_path):
+    x, y = features_and_labels(50)
+    dataset = TensorDataset(torch.from_numpy(x), torch.from_numpy(y))
+    subset = SampleSubset(dataset, [3, 17, 42])
+    assert len(subset) == 3 and subset[1][2] == 17 and torch.equal(subset[1][0], dataset[17][0])
+    loader = SelectiveLoader(subset, batch_size=3, filter_ratio=0.0, criterion='uniform',
+                             id_key=2, shuffle=False)
+    assert sorted(next(iter(loader))[2].tolist()) == [3, 17, 42]
+    with pytest.raises(SettingError, match='50 samples'):
+        SampleSubset(dataset, [50])
+    with pytest.raises(SettingError, match='.npy or .parquet'):
+        write_ids(np.arange(3), tmp_path / 'ids.txt')
+    (tmp_path / 'bad.npy').write_bytes(b'not numpy')
+    with pytest.raises(DataError, match='bad.npy'):
+        read_ids(tmp_path / 'bad.npy')
+    np.save(tmp_path / 'floats.npy', np.ones(3))
+    with pytest.raises(DataError, match='not a list of integer sample ids'):
+        read_ids(tmp_path / 'floats.npy')
