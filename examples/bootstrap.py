@@ -132,11 +132,10 @@ def train_learner(pool_dir: Path, reference, args: argparse.Namespace, *, criter
 
 def main() -> int:
     args = parse_args()
-    from streaming.base.util import clean_stale_shared_memory
-
+    from jest_stream import remove_stale_shared_memory
     from jest_stream.cache import ReferenceCache, model_checksum
 
-    clean_stale_shared_memory()  # before any StreamingDataset exists
+    remove_stale_shared_memory()  # before any StreamingDataset exists; dead jobs' only
     data = prepare(args.data_dir, noise_rate=args.noise_rate,
                    clean_fraction=args.clean_fraction, seed=0, limit=args.limit)
     print(f'Pool: {data.n_pool} images, {data.n_corrupted} with corrupted labels; clean split: '

@@ -19,60 +19,36 @@ and must end with the same weights as the uninterrupted run.
 from __future__ import annotations
 
 import argparse
-import gc
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from composer import Trainer
-from composer.core import Callback
-from composer.loggers import InMemoryLogger
-from composer.models import ComposerModel
-from jest_stream.integrations.composer import JESTAlgorithm, jest_first
 from pytorch_loop import REPO_ROOT, accuracy, make_model, prepare_data, train_reference
-from torch import nn
 from torch.utils.data import DataLoader
 
-from jest_stream import SampleIdStreamingDataset, collate_samples, super_batch_size_for
+from jest_stream import (
+    SampleIdStreamingDataset,
+    collate_samples,
+    remove_stale_shared_memory,
+    super_batch_size_for,
+)
 
-__all__ = ['ToyClassifier', 'TrainedExamples', 'main', 'run']
+__all__ = ['main', 'run']
 
 DEFAULT_WORKDIR = REPO_ROOT / 'results' / 'examples' / 'composer_algorithm'
 BATCH_SIZE = 32
 FILTER_RATIO = 0.8
 
 
-class ToyClassifier(ComposerModel):
-    """A ``ComposerModel`` over dict batches ``{'x', 'y', 'sample_id'}``."""
-
-    def __init__(self, module: nn.Module) -> None:
-        super().__init__()
-        self.module = module
-
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.module(batch['x'])
-
-    def loss(self, outputs: torch.Tensor, batch: dict[str, torch.Tensor], *args: Any,
-             **kwargs: Any) -> torch.Tensor:
-        return F.cross_entropy(outputs, batch['y'])
-
-
-class TrainedExamples(Callback):
-    """Records the sample ids of every batch the model trains on (after selection)."""
-
-    def __init__(self) -> None:
-        self.ids: list[int] = []
-
-    def batch_start(self, state: Any, logger: Any) -> None:
-        self.ids.extend(state.batch['sample_id'].tolist())
-
-
 def run(workdir: Path, *, criterion: str = 'learnability', max_duration: str = '2ep',
         load_path: str | None = None, save_interval: str | None = None, seed: int = 0
         ) -> dict[str, Any]:
     """One Composer run with JEST selection; returns what it trained on and the model."""
+    from composer_parts import ToyClassifier, close, fit, weights
+
+    from jest_stream.integrations.composer import JESTAlgorithm, jest_first
+
     data = prepare_data(workdir, seed=seed)
     super_batch = super_batch_size_for(BATCH_SIZE, FILTER_RATIO)
     dataset = SampleIdStreamingDataset(local=str(data.pool_dir), batch_size=super_batch,
@@ -83,38 +59,28 @@ def run(workdir: Path, *, criterion: str = 'learnability', max_duration: str = '
                                               seed=seed + 20))
     algorithm = JESTAlgorithm(filter_ratio=FILTER_RATIO, reference=reference, target_key='y',
                               criterion=criterion, seed=seed)
-    trained = TrainedExamples()
-    memory = InMemoryLogger()
-    saving = {'save_folder': str(workdir / 'checkpoints'), 'save_interval': save_interval,
-              'save_overwrite': True} if save_interval else {}
-    trainer = Trainer(model=model, train_dataloader=loader, max_duration=max_duration,
-                      optimizers=torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9),
-                      algorithms=[algorithm], algorithm_passes=jest_first,
-                      callbacks=[trained], loggers=[memory], load_path=load_path,
-                      progress_bar=False, log_to_console=False, seed=seed, device='cpu',
-                      **saving)
-    trainer.fit()
+    trainer, trained, memory = fit(model, loader, workdir, max_duration=max_duration,
+                                   load_path=load_path, save_interval=save_interval, seed=seed,
+                                   algorithms=[algorithm], algorithm_passes=jest_first)
+    scores = [v for _, v in memory.data.get('jest/score_s', [])]
     result = {
         'steps': int(trainer.state.timestamp.batch),
         'raw_samples': int(trainer.state.timestamp.sample),
         'trained_ids': trained.ids,
         'noisy_fraction': float(data.noisy[trained.ids].mean()) if trained.ids else 0.0,
         'test_accuracy': accuracy(model.module, data.test_x, data.test_y),
-        'weights': [p.detach().clone() for p in model.parameters()],
-        'mean_score_ms': 1e3 * sum(v for _, v in memory.data.get('jest/score_s', [])) /
-        max(len(memory.data.get('jest/score_s', [])), 1),
+        'weights': weights(model),
+        'mean_score_ms': 1e3 * sum(scores) / max(len(scores), 1),
     }
-    trainer.close()
-    del trainer, loader, dataset
-    gc.collect()
+    close(trainer, loader, dataset)
     return result
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    from streaming.base.util import clean_stale_shared_memory
+    from composer_parts import check_resume
 
-    # Once, before any dataset exists: segments left by a killed run would collide with ours.
-    clean_stale_shared_memory()
+    # Once, before any dataset exists: the shared memory of killed runs (only theirs).
+    remove_stale_shared_memory()
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--workdir', type=Path, default=DEFAULT_WORKDIR)
     parser.add_argument('--criterion', default='learnability')
@@ -131,14 +97,8 @@ def main(argv: Sequence[str] | None = None) -> None:
           f'{full["mean_score_ms"]:.1f} ms per super-batch')
     checkpoint = args.workdir / 'checkpoints' / 'ep0-ba20-rank0.pt'
     resumed = run(args.workdir, criterion=args.criterion, load_path=str(checkpoint))
-    same_batches = full['trained_ids'][20 * BATCH_SIZE:] == resumed['trained_ids']
-    same_weights = all(torch.equal(a, b) for a, b in zip(full['weights'], resumed['weights'],
-                                                          strict=True))
-    print(f'resumed from {checkpoint.name}: trained {resumed["steps"] - 20} more steps; same '
-          f'batches as the uninterrupted run: {same_batches}; same final weights: '
-          f'{same_weights}')
-    if not (same_batches and same_weights):
-        raise SystemExit('the resumed run diverged from the uninterrupted one')
+    print(f'resumed from {checkpoint.name}: trained {resumed["steps"] - 20} more steps; '
+          + check_resume(full, resumed, batch_size=BATCH_SIZE, at=20))
 
 
 if __name__ == '__main__':

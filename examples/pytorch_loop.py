@@ -178,7 +178,8 @@ class RunResult:
         model (nn.Module): The learner after the last step.
         start_step (int): The step the run started from (0, or the checkpoint's).
         test_accuracy (float): Accuracy on the clean test split at the end.
-        noisy_fraction (float): Fraction of wrong labels among the examples trained on.
+        noisy_fraction (float): Fraction of wrong labels among the examples trained on, over
+            the whole run (a resumed run continues the counts of its checkpoint).
     """
 
     records: list[dict[str, Any]] = field(default_factory=list)
@@ -239,12 +240,13 @@ def train(workdir: Path, config: LoopConfig, *, resume: bool = False,
                              filter_ratio=config.filter_ratio, scorer=scorer,
                              criterion=config.criterion, num_workers=config.num_workers,
                              seed=config.seed)
-    step = 0
+    step = trained_noisy = trained = 0
     if checkpoint is not None:
         loader.load_state_dict(checkpoint['loader'])
         step = checkpoint['step']
+        # Counts over the whole run, not only this invocation.
+        trained_noisy, trained = checkpoint['trained_noisy'], checkpoint['trained']
     result = RunResult(model=model, start_step=step)
-    trained_noisy = trained = 0
     while step < config.steps:
         for batch in loader:
             loss = F.cross_entropy(model(batch['x']), batch['y'])
@@ -262,7 +264,8 @@ def train(workdir: Path, config: LoopConfig, *, resume: bool = False,
             if step % config.checkpoint_every == 0:
                 _save(_checkpoint_path(workdir), step=step, model=model.state_dict(),
                       optimizer=optimizer.state_dict(), loader=loader.state_dict(),
-                      reference=reference.state_dict(), config=asdict(config))
+                      reference=reference.state_dict(), config=asdict(config),
+                      trained_noisy=trained_noisy, trained=trained)
             if log_every and step % log_every == 0:
                 print(f'step {step:4d}  epoch {metrics["epoch"]}  loss {loss.item():.3f}  '
                       f'noisy trained {trained_noisy / trained:.0%}  '
@@ -293,10 +296,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> RunResult:
-    from streaming.base.util import clean_stale_shared_memory
+    from jest_stream import remove_stale_shared_memory
 
-    # Once, before any dataset exists: segments left by a killed run would collide with ours.
-    clean_stale_shared_memory()
+    # Once, before any dataset exists: the shared memory of killed runs (only theirs).
+    remove_stale_shared_memory()
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     config = LoopConfig(steps=args.steps, checkpoint_every=args.checkpoint_every,
@@ -311,8 +314,10 @@ def main(argv: Sequence[str] | None = None) -> RunResult:
           f'clean test accuracy {result.test_accuracy:.1%}; wrong labels among trained '
           f'examples {result.noisy_fraction:.0%} (30% of the pool)')
     if end < config.steps:
-        print(f'stopped early; continue with: python examples/pytorch_loop.py --resume '
-              f'--workdir {args.workdir}')
+        saved = end - end % config.checkpoint_every
+        print(f'stopped early at step {end}; the last checkpoint is at step {saved}, so a resume '
+              f'redoes {end - saved} step(s) (the same ones, exactly). Continue with: python '
+              f'examples/pytorch_loop.py --resume --workdir {args.workdir}')
     return result
 
 
