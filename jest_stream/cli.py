@@ -74,17 +74,17 @@ def _add_annotate(subparsers: argparse._SubParsersAction) -> None:
                      help='when another run writes the same --out, wait this long for it to '
                      'finish (default 0: refuse at once, naming the other run)')
     run.add_argument('--keep-shared-memory', action='store_true',
-                     help="do not clear streaming's stale shared memory at start (set it when "
-                     'other streaming jobs run on this machine: clearing would break them)')
+                     help="do not remove the shared memory that killed streaming jobs left "
+                     '(removed by default: only segments no live process uses)')
     parser.set_defaults(run=_run_annotate)
 
 
 def _run_annotate(args: argparse.Namespace) -> int:
     if not args.keep_shared_memory:
-        from streaming.base.util import clean_stale_shared_memory
+        from jest_stream.shm import remove_stale_shared_memory
 
-        # A killed earlier run may have left segments that would collide with this one's.
-        clean_stale_shared_memory()
+        # Segments of killed earlier runs only: streaming jobs running now keep theirs.
+        remove_stale_shared_memory()
     from jest_stream.cache import annotate, import_object, load_model
 
     reference = load_model(args.model, checkpoint=args.checkpoint, kwargs=args.model_kwargs)
