@@ -14,9 +14,10 @@ PYTEST_ARGS ?=
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml
+	@echo 'Creating $(VENV) with jest-stream and its composer and dev extras (several GB the first time).'
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[composer,dev]'
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install --progress-bar on -e '.[composer,dev]'
 	@touch $@
 
 data:

@@ -15,7 +15,7 @@ parameters) and these ways to score ``B`` candidates for the ``hard_learner`` cr
 - ``learner``: the learner's forward in float32 (what selection costs by default);
 - ``learner_bf16``: the same under ``torch.autocast(dtype=torch.bfloat16)``
   (``SelectiveLoader(autocast=torch.bfloat16)``);
-- ``proxy``: a proxy learner (``TinyClassifier``, a quarter of the learner's size) scoring
+- ``proxy``: a proxy learner (``TinyClassifier``, half the learner's parameters) scoring
   and taking its training step on the selected ``b`` (``ProxyScorer``).
 
 It reports each variant's median seconds per super-batch, its cost in training steps

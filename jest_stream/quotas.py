@@ -87,9 +87,13 @@ class GroupQuota:
         low (dict[int, int]): Least rows per group (missing groups: 0).
         high (dict[int, int]): Most rows per group (missing groups: no limit).
 
+    When the maximums leave fewer rows than ``total`` among the candidates (a small or
+    one-sided super-batch), they give way for this selection (``relaxed`` is then True);
+    the minimums still hold.
+
     Raises:
-        SettingError: The bounds cannot all hold (minimums above ``total``, a maximum below
-            its minimum, or maximums that leave too few rows).
+        SettingError: The bounds contradict each other (minimums above ``total``, a maximum
+            below its minimum).
     """
 
     groups: Tensor
@@ -98,6 +102,7 @@ class GroupQuota:
     high: dict[int, int]
     counts: dict[int, int] = field(default_factory=dict)
     picked: int = 0
+    relaxed: bool = False
 
     def __post_init__(self) -> None:
         self.groups = self.groups.cpu().long()
@@ -105,16 +110,18 @@ class GroupQuota:
         room = 0
         for group, count in zip(present.tolist(), available.tolist(), strict=True):
             lo, hi = self.low.get(group, 0), self.high.get(group, self.total)
-            if lo > min(hi, count):
-                raise SettingError(f'the quota asks at least {lo} rows of group {group}, but '
-                                   f'it allows at most {hi} and the candidates hold {count}')
+            if lo > hi:
+                raise SettingError(f'the quota asks at least {lo} rows of group {group} but '
+                                   f'allows at most {hi}: min_share must not exceed max_share')
             room += min(hi, count)
         if sum(self.low.get(g, 0) for g in present.tolist()) > self.total:
             raise SettingError(f'the quota minimums add up to more than the {self.total} rows '
                                f'selected: lower min_share')
-        if room < self.total:
-            raise SettingError(f'the quota maximums leave room for {room} rows, fewer than the '
-                               f'{self.total} selected: raise max_share')
+        self.relaxed = room < self.total
+        if self.relaxed:
+            # Too few candidates in the allowed groups (a small or one-sided super-batch):
+            # the maximums give way for this sub-batch, the minimums still hold.
+            self.high = {}
 
     def _deficit(self) -> int:
         return sum(max(0, lo - self.counts.get(g, 0)) for g, lo in self.low.items())

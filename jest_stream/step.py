@@ -450,6 +450,7 @@ class SelectionStep:
                             'filter_ratio_now': 1.0 - n_select / selection.n_candidates}
         if constraint is not None:
             selection.policy.update({f'share/{g}': s for g, s in constraint.shares().items()})
+            selection.policy['quota_relaxed'] = float(constraint.relaxed)
 
     # The handing-over half (always in the trainer's process)
 

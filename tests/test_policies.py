@@ -232,7 +232,7 @@ def test_quotas_hold_exactly_in_every_sub_batch(method, mix):
         assert selection.policy['share/0'] == 0.5
 
 
-def test_quotas_through_the_loader_and_infeasible_ones_are_refused():
+def test_quotas_through_the_loader_and_when_they_cannot_hold():
     policy = SelectionPolicy(quota=Quota(2, proportional=True))
     # Unshuffled, every super-batch of 40 holds ten rows of each of the four groups.
     loader = SelectiveLoader(_tensors(400, groups=4), batch_size=8, filter_ratio=0.8,
@@ -241,9 +241,19 @@ def test_quotas_through_the_loader_and_infeasible_ones_are_refused():
         assert sorted(np.bincount(batch[2].numpy(), minlength=4).tolist()) == [2, 2, 2, 2]
     step = SelectionStep(SelectionConfig.create(batch_size=8, super_batch_size=40),
                          lambda batch, ids, criterion: PerExampleScores(torch.zeros(40)))
-    batch = {'g': torch.zeros(40, dtype=torch.long)}
-    with pytest.raises(SettingError, match='maximums leave room'):
-        step.choose(batch, torch.arange(40), 0, 0, Plan(quota=Quota('g', max_share=0.5)))
+    groups = torch.tensor([0] * 36 + [1] * 4)
+    batch = {'g': groups}
+    # Group 1 holds 4 candidates: a cap of 4 rows per group cannot fill 8, so the caps give
+    # way for this super-batch (and say so); the minimums still hold.
+    selection = step.choose(batch, torch.arange(40), 0, 0,
+                            Plan(quota=Quota('g', min_share=0.5, max_share=0.5)))
+    assert _counts(groups, selection.selected.tolist()) == {0: 4, 1: 4}
+    assert selection.policy['quota_relaxed'] == 0.0
+    selection = step.choose({'g': torch.zeros(40, dtype=torch.long)}, torch.arange(40), 0, 0,
+                            Plan(quota=Quota('g', max_share=0.5)))
+    assert len(selection.selected) == 8 and selection.policy['quota_relaxed'] == 1.0
+    with pytest.raises(SettingError, match='minimums add up'):
+        step.choose(batch, torch.arange(40), 0, 0, Plan(quota=Quota('g', min_share=0.6)))
 
 
 def test_quotas_per_stream_of_a_streaming_dataset(tmp_path):
