@@ -372,8 +372,11 @@ _OPEN_LOGS: weakref.WeakSet[SelectionLog] = weakref.WeakSet()
 
 @atexit.register
 def _flush_open_logs() -> None:
-    # A run that ends without closing its loader still writes every row it logged.
+    # A run that ends without closing its loader still writes every row it logged (a forked
+    # child that inherited the log leaves it to its parent).
     for log in list(_OPEN_LOGS):
+        if log._pid != os.getpid():
+            continue
         try:
             log.close()
         except Exception:  # noqa: BLE001 - the interpreter is exiting: report, don't raise
@@ -475,6 +478,7 @@ class SelectionLog:
         self.compression = compression
         self.sync = check_bool(sync, 'sync')
         self._opened = False
+        self._pid = os.getpid()
         self._steps = 0
         self._names: list[str] | None = None
         self._kinds: dict[str, str] = {}
@@ -482,8 +486,12 @@ class SelectionLog:
         self._table: Any = None       # its rows already in a table (written or loaded)
         self._pending: list[_Chunk] = []
         self._bytes = 0               # of the open file's rows, in memory
+        self._rows = 0                # of the open file
         self._written = True          # the open file on disk holds every row of it
-        self.stats = {'rows': 0, 'files_written': 0, 'record_s': 0.0, 'write_s': 0.0}
+        #: Rows logged, files written, and the seconds spent (wall-clock, and this thread's
+        #: CPU time) turning steps into rows (``record``) and writing files (``write``).
+        self.stats = {'rows': 0, 'files_written': 0, 'record_s': 0.0, 'record_cpu_s': 0.0,
+                      'write_s': 0.0, 'write_cpu_s': 0.0}
 
     def __repr__(self) -> str:
         return (f'SelectionLog({str(self.path)!r}, columns={self.columns!r}, '
@@ -519,7 +527,7 @@ class SelectionLog:
             DataError: A logged column is not one scalar per row, or changed its type.
             MissingColumnError: A logged column is not in the batch.
         """
-        start = time.perf_counter()
+        start = _clock()
         self._open(fresh=True)
         rows = step_rows(result, columns=self.columns, stream_offsets=self.stream_offsets)
         self._check_kinds(rows)
@@ -528,17 +536,23 @@ class SelectionLog:
                    'rank': self.rank, 'n_candidates': result.selection.n_candidates,
                    **{key: policy.get(key) for key in ('pressure', 'mix', 'filter_ratio_now')}}
         chunk = _Chunk(len(rows['row']), scalars, rows)
-        if self._rows_open() and self._full_with(chunk):
+        self._count('record', start)
+        if self._rows and self._full_with(chunk):
             self.flush()
             self._start_file(self._steps)
-        if not self._rows_open():
+        if not self._rows:
             self._first_step = self._steps
         self._pending.append(chunk)
         self._bytes += chunk.nbytes
+        self._rows += chunk.n
         self._written = False
         self._steps += 1
         self.stats['rows'] += chunk.n
-        self.stats['record_s'] += time.perf_counter() - start
+
+    def _count(self, kind: str, start: tuple[float, float]) -> None:
+        wall, cpu = _clock()
+        self.stats[f'{kind}_s'] += wall - start[0]
+        self.stats[f'{kind}_cpu_s'] += cpu - start[1]
 
     def state_dict(self) -> dict[str, Any]:
         """Write every row logged so far (durably), and return the position: steps logged."""
@@ -605,24 +619,22 @@ class SelectionLog:
             for file in existing:
                 file.path.unlink()
         self._opened = True
+        self._pid = os.getpid()
         _OPEN_LOGS.add(self)
 
     def _reset(self) -> None:
-        self._table, self._pending, self._bytes, self._written = None, [], 0, True
-        self._first_step = self._steps = 0
-
-    def _rows_open(self) -> int:
-        return (0 if self._table is None else self._table.num_rows) \
-            + sum(c.n for c in self._pending)
+        self._start_file(0)
+        self._steps = 0
 
     def _full_with(self, chunk: _Chunk) -> bool:
-        if self._rows_open() + chunk.n > self.max_rows_per_file:
+        if self._rows + chunk.n > self.max_rows_per_file:
             return True
         return self.max_bytes_per_file is not None \
             and self._bytes + chunk.nbytes > self.max_bytes_per_file
 
     def _start_file(self, first_step: int) -> None:
-        self._table, self._pending, self._bytes, self._written = None, [], 0, True
+        self._table, self._pending, self._bytes, self._rows = None, [], 0, 0
+        self._written = True
         self._first_step = first_step
 
     def _check_kinds(self, rows: dict[str, np.ndarray]) -> None:
@@ -659,7 +671,7 @@ class SelectionLog:
         return self._table
 
     def _write_open_file(self) -> None:
-        start = time.perf_counter()
+        start = _clock()
         table = self._open_table()
         if table is None:
             return
@@ -671,7 +683,7 @@ class SelectionLog:
         if created and self.max_files is not None:
             for old in log_files(self.path, self.rank)[:-self.max_files]:
                 old.path.unlink(missing_ok=True)
-        self.stats['write_s'] += time.perf_counter() - start
+        self._count('write', start)
 
     def _write_atomically(self, table: Any, target: Path) -> None:
         import pyarrow.parquet as pq
@@ -721,10 +733,15 @@ class SelectionLog:
                 f'logged to, from its own checkpoint')
         self._start_file(last.first_step)
         self._table = table.filter(pc.less(step, steps)).combine_chunks()
-        self._bytes = int(self._table.nbytes)
+        self._bytes, self._rows = int(self._table.nbytes), self._table.num_rows
         self._names = list(self._table.schema.names)
         if self._table.num_rows != table.num_rows:
             self._write_atomically(self._table, last.path)
+
+
+def _clock() -> tuple[float, float]:
+    """Wall-clock seconds and this thread's CPU seconds, now."""
+    return time.perf_counter(), time.thread_time()
 
 
 def _sync_folder(folder: Path) -> None:

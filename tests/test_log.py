@@ -7,11 +7,14 @@ Run as a script, this file is the training job that the SIGKILL test kills and r
 from __future__ import annotations
 
 import gc
+import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
@@ -188,6 +192,44 @@ def test_streams_of_a_streaming_dataset_are_logged(tmp_path):
         assert rows['stream'][rows['selected']].mean() == pytest.approx(share)
 
 
+def _global_scope_worker(rank: int, world: int, port: int, folder: Path) -> None:
+    from helpers.distributed import make_loader, map_dataset, process_group, run_steps
+
+    with process_group(rank, world, port):
+        log = SelectionLog(folder / 'log', columns={'label': 1})
+        loader = make_loader(map_dataset(130), world=world, global_super=40, global_batch=8,
+                             scope='global', selection_log=log)
+        ids, _ = run_steps(loader, 3)
+        loader.close()
+        (folder / f'ids{rank}.json').write_text(json.dumps(ids))
+
+
+def test_each_rank_writes_its_own_files_under_torch_distributed(tmp_path):
+    # Two gloo ranks, global selection: 8 of each step's 40 candidates (20 a rank) per rank.
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        port = sock.getsockname()[1]
+    context = mp.start_processes(_global_scope_worker, args=(2, port, tmp_path), nprocs=2,
+                                 join=False, start_method='spawn')
+    deadline = time.monotonic() + 120
+    while not context.join(timeout=2):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail('the distributed workers did not finish within 120 s')
+    assert [(f.rank, f.first_step) for f in log_files(tmp_path / 'log')] == [(0, 0), (1, 0)]
+    table = read_log(tmp_path / 'log')
+    trained = [json.loads((tmp_path / f'ids{rank}.json').read_text()) for rank in (0, 1)]
+    for step in range(3):
+        rows = _by_step(table, step)
+        assert sorted(rows['rank'].tolist()) == [0] * 20 + [1] * 20
+        assert len(set(rows['sample_id'].tolist())) == 40 == rows['n_candidates'][0]
+        chosen = np.flatnonzero(rows['selected'])
+        in_order = chosen[np.argsort(rows['order'][chosen])]
+        # Rank r trains the r-th 8 of the global selection order.
+        assert rows['sample_id'][in_order].tolist() == trained[0][step] + trained[1][step]
+
+
 # Files
 
 
@@ -292,19 +334,22 @@ def test_state_dict_writes_every_row_and_a_resume_cuts_the_rows_after_it(tmp_pat
     def steps(log, first, last):
         step = SelectionStep(config, _scores, record=log.record)
         for index in range(first, last):
-            step(_super_batch(40, index), torch.arange(40) + 40 * index, epoch=0, index=index)
+            names = [f'sample {40 * index + i}' for i in range(40)]  # a string column
+            step({**_super_batch(40, index), 'name': names}, torch.arange(40) + 40 * index,
+                 epoch=0, index=index)
 
-    whole = SelectionLog(tmp_path / 'whole', max_rows_per_file=200)
+    whole = SelectionLog(tmp_path / 'whole', max_rows_per_file=200, columns=['name'])
     steps(whole, 0, 12)
     whole.close()
-    log = SelectionLog(tmp_path / 'cut', max_rows_per_file=200)
+    assert read_log(tmp_path / 'whole')['name'].to_pylist()[-1] == 'sample 479'
+    log = SelectionLog(tmp_path / 'cut', max_rows_per_file=200, columns=['name'])
     steps(log, 0, 7)
     state = log.state_dict()
     assert state == {'version': 1, 'steps': 7}
     assert read_log(tmp_path / 'cut').num_rows == 7 * 40  # on disk, without a close
     steps(log, 7, 11)  # rotates at step 10: the file of steps 5-9 straddles the position
     log.flush()
-    resumed = SelectionLog(tmp_path / 'cut', max_rows_per_file=200)
+    resumed = SelectionLog(tmp_path / 'cut', max_rows_per_file=200, columns=['name'])
     resumed.load_state_dict(state)
     assert read_log(tmp_path / 'cut')['step'].to_numpy().max() == 6
     steps(resumed, 7, 12)
@@ -320,6 +365,11 @@ def test_state_dict_writes_every_row_and_a_resume_cuts_the_rows_after_it(tmp_pat
         SelectionLog(tmp_path / 'cut').load_state_dict({'version': 9, 'steps': 3})
     with pytest.raises(SettingError, match='already holds'):
         SelectionLog(tmp_path / 'cut').load_state_dict({})
+    other = SelectionLog(tmp_path / 'cut', max_rows_per_file=200, columns=['y'])
+    other.load_state_dict(state)
+    with pytest.raises(LogError, match='resume with the same columns'):
+        SelectionStep(config, _scores, record=other.record)(
+            _super_batch(40, 7), torch.arange(40), epoch=0, index=7)
 
 
 def _segments_of(directory: Path) -> set[str]:
