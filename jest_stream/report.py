@@ -418,17 +418,29 @@ def _plot_scores(plt: Any, report: dict[str, Any], path: Path) -> bool:
 
 
 def _plot_groups(plt: Any, shares: dict[str, Any], path: Path) -> bool:
-    fig, ax = plt.subplots(figsize=(7, 3.8))
-    colours = plt.get_cmap('tab10' if len(shares['groups']) <= 10 else 'tab20')
-    for i, group in enumerate(shares['groups']):
-        colour = colours(i % colours.N)
-        ax.plot(shares['step'], shares['selected'][group], color=colour, label=group)
-        ax.plot(shares['step'], shares['candidates'][group], color=colour, linestyle=':',
-                alpha=0.7)
-    ax.set_xlabel('step')
-    ax.set_ylabel('share')
-    ax.set_title(f'share of the selected per {shares["column"]} (dotted: of the candidates)')
-    ax.legend(fontsize=7, ncol=2, title=shares['column'])
+    """Each group's share of the selected over time (stacked), and over the whole log
+    against its share of the candidates."""
+    groups = shares['groups']
+    colours = plt.get_cmap('tab10' if len(groups) <= 10 else 'tab20')
+    colour = [colours(i % colours.N) for i in range(len(groups))]
+    fig, (over_time, overall) = plt.subplots(1, 2, figsize=(11, 3.8),
+                                             gridspec_kw={'width_ratios': [3, 2]})
+    over_time.stackplot(shares['step'], [shares['selected'][g] for g in groups], labels=groups,
+                        colors=colour, alpha=0.85)
+    over_time.set_xlabel('step')
+    over_time.set_ylabel('share of the selected')
+    over_time.set_ylim(0, 1)
+    over_time.set_title(f'selected samples per {shares["column"]}')
+    positions = np.arange(len(groups))
+    overall.bar(positions - 0.2, [shares['overall'][g]['candidates'] for g in groups], 0.4,
+                facecolor='none', edgecolor=colour, label='candidates')
+    overall.bar(positions + 0.2, [shares['overall'][g]['selected'] for g in groups], 0.4,
+                color=colour, label='selected')
+    overall.set_xticks(positions, groups, fontsize=7)
+    overall.set_xlabel(shares['column'])
+    overall.set_title('whole log: candidates (outline), selected', fontsize=10)
+    over_time.legend(fontsize=7, ncol=2 if len(groups) > 5 else 1, title=shares['column'],
+                     loc='upper left', bbox_to_anchor=(1.0, 1.0))
     _save(plt, fig, path)
     return True
 
@@ -576,5 +588,9 @@ def write_report(log: str | Path, out: str | Path, *, window: int | None = None,
         images = plot_report(report, out)
         files = [*images, write_html(report, images, out / 'index.html')]
     report['files'] = [p.name for p in files] + ['report.json']
-    (out / 'report.json').write_text(json.dumps(report, indent=1))
+    # The scatter's points are for the plot; the file keeps its counts.
+    points = ('learner', 'reference', 'selected')
+    saved = {**report, 'scatter': {k: v for k, v in report['scatter'].items()
+                                   if k not in points}}
+    (out / 'report.json').write_text(json.dumps(saved, indent=1))
     return report
