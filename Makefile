@@ -22,6 +22,7 @@ $(STAMP): pyproject.toml
 
 data:
 	@bash scripts/ensure-fashion-mnist.sh
+	@bash scripts/ensure-sotu.sh
 
 demo:
 	@echo 'make demo: first builds a virtual environment of several GB in $(VENV) (6.4 GB here:'
