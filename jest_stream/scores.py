@@ -34,7 +34,18 @@ __all__ = [
 ]
 
 
-class PerExampleScores:
+class _IncrementalJoint:
+    """Joint selection for scores that are a :class:`~jest_stream.selection.PairScores`."""
+
+    def select_jointly(self, n_select: int, *, n_chunks: int, temperature: float,
+                       generator: torch.Generator, constraint: Constraint | None = None
+                       ) -> Tensor:
+        return joint_select_incremental(self, n_select, n_chunks=n_chunks,
+                                        temperature=temperature, generator=generator,
+                                        constraint=constraint)
+
+
+class PerExampleScores(_IncrementalJoint):
     """Per-example scores ``Tensor[B]``: the batch score is their sum.
 
     Joint selection has no pair terms to condition on here, so it is blocked
@@ -84,13 +95,6 @@ class PerExampleScores:
     def materialise(self) -> Tensor:
         return torch.diag(self.scores)
 
-    def select_jointly(self, n_select: int, *, n_chunks: int, temperature: float,
-                       generator: torch.Generator, constraint: Constraint | None = None
-                       ) -> Tensor:
-        return joint_select_incremental(self, n_select, n_chunks=n_chunks,
-                                        temperature=temperature, generator=generator,
-                                        constraint=constraint)
-
 
 class Embeddings:
     """Two-tower outputs for ``B`` pairs.
@@ -130,7 +134,7 @@ def _weighted_terms(learner: Embeddings | None, reference: Embeddings | None,
     return terms
 
 
-class SigmoidPairScores:
+class SigmoidPairScores(_IncrementalJoint):
     """Pair scores ``A = w_l * l(learner) + w_r * l(reference)`` of the sigmoid loss.
 
     Blocks of ``A`` are computed from the embeddings on demand, so the joint
@@ -191,13 +195,6 @@ class SigmoidPairScores:
             idx = torch.arange(start, min(start + self.block_size, self.size), device=device)
             total[idx] += self.rows(idx).sum(1) + self.columns(idx).sum(0)
         return total - self.diagonal()
-
-    def select_jointly(self, n_select: int, *, n_chunks: int, temperature: float,
-                       generator: torch.Generator, constraint: Constraint | None = None
-                       ) -> Tensor:
-        return joint_select_incremental(self, n_select, n_chunks=n_chunks,
-                                        temperature=temperature, generator=generator,
-                                        constraint=constraint)
 
 
 class SoftmaxScores:

@@ -16,18 +16,9 @@ Nothing missing or damaged ever reads as zeros or as a wrong value: it raises a
 :class:`CacheError` subclass that names the file, the problem and the fix.
 """
 
+from jest_stream.cache import errors as _errors
 from jest_stream.cache.annotate import AnnotationResult, annotate, import_object, load_model
-from jest_stream.cache.errors import (
-    CacheError,
-    CacheFolderNotEmpty,
-    CacheLocked,
-    CorruptManifest,
-    CorruptPart,
-    DamagedCache,
-    FingerprintMismatch,
-    IncompleteCache,
-    OutputMismatch,
-)
+from jest_stream.cache.errors import *  # noqa: F403 - the error kinds, as errors.__all__ lists
 from jest_stream.cache.format import (
     CONSTANTS,
     DEFAULT_MAX_BYTES,
@@ -44,21 +35,13 @@ from jest_stream.cache.reader import ReferenceCache
 from jest_stream.cache.writer import CacheWriter
 
 __all__ = [
+    *_errors.__all__,
     'FORMAT_VERSION',
     'OUTPUT_KINDS',
     'OUTPUT_GROUPS',
     'CONSTANTS',
     'DEFAULT_PART_SIZE',
     'DEFAULT_MAX_BYTES',
-    'CacheError',
-    'FingerprintMismatch',
-    'IncompleteCache',
-    'DamagedCache',
-    'CorruptPart',
-    'CorruptManifest',
-    'CacheFolderNotEmpty',
-    'CacheLocked',
-    'OutputMismatch',
     'DatasetIndexNotFound',
     'Fingerprint',
     'dataset_fingerprint',

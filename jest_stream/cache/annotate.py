@@ -170,26 +170,25 @@ def _check_finite(values: Tensor, ids: range, what: str) -> None:
             f'stores such values. Check the model and those samples')
 
 
+@dataclass
 class _Outputs:
     """One batch through the reference: the arrays of the cache and its constants."""
 
-    def __init__(self, group: str, *, forward: Callable[[nn.Module, Batch], Any] | None,
-                 input_key: str | int | None, target_key: str | int | None,
-                 image_key: str | int, text_key: str | int,
-                 loss_fn: Callable[[Tensor, Tensor], Tensor]) -> None:
-        if group == 'loss':
-            if target_key is None:
+    group: str
+    forward: Callable[[nn.Module, Batch], Any] | None
+    input_key: str | int | None
+    target_key: str | int | None
+    image_key: str | int
+    text_key: str | int
+    loss_fn: Callable[[Tensor, Tensor], Tensor]
+
+    def __post_init__(self) -> None:
+        if self.group == 'loss':
+            if self.target_key is None:
                 raise SettingError('outputs="loss" needs target_key (the column of the labels)')
-            if input_key is None and forward is None:
+            if self.input_key is None and self.forward is None:
                 raise SettingError('outputs="loss" needs input_key (the column of the inputs) '
                                    'or a forward(model, batch) -> logits')
-        self.group = group
-        self.forward = forward
-        self.input_key = input_key
-        self.target_key = target_key
-        self.image_key = image_key
-        self.text_key = text_key
-        self.loss_fn = loss_fn
 
     def __call__(self, model: nn.Module, batch: Batch, ids: range
                  ) -> tuple[dict[str, np.ndarray], dict[str, float]]:

@@ -32,20 +32,8 @@ import torch
 
 from jest_stream.batch import attached_id_key, read_sample_ids
 from jest_stream.errors import UsageError
+from jest_stream.process import messages as msg
 from jest_stream.process.lifecycle import ChildSpec, load_scorer
-from jest_stream.process.messages import (
-    Failed,
-    Fatal,
-    NewGeneration,
-    Ready,
-    Request,
-    Scored,
-    ScoreRequest,
-    ScorerState,
-    Skipped,
-    StateRequest,
-    Stop,
-)
 from jest_stream.process.ring import SlotCache
 from jest_stream.scoring.base import LearningScorer
 from jest_stream.step import SelectionStep
@@ -76,11 +64,11 @@ class _Inbox:
             try:
                 message = self._requests.recv()
             except (EOFError, OSError):
-                message = Stop()  # The trainer's end is closed: it stopped or died.
+                message = msg.Stop()  # The trainer's end is closed: it stopped or died.
             except BaseException as error:  # An unreadable message fails the next request.
                 message = _Broken(error)
             self.messages.put(message)
-            if isinstance(message, Stop):
+            if isinstance(message, msg.Stop):
                 return
 
 
@@ -142,7 +130,7 @@ class _Loop:
         self.replica = replica
         self.inbox = _Inbox(spec.requests)
         self.slots = SlotCache()
-        self.pending: deque[ScoreRequest] = deque()
+        self.pending: deque[msg.ScoreRequest] = deque()
         self.newest_generation = 0
         self.loaded: int | None = None
         depth = spec.config.process.prefetch_depth if spec.config.process is not None else 1
@@ -173,20 +161,20 @@ class _Loop:
             if not self._take(message):
                 return False
 
-    def _take(self, message: Request | _Broken) -> bool:
-        if isinstance(message, Stop):
+    def _take(self, message: msg.Request | _Broken) -> bool:
+        if isinstance(message, msg.Stop):
             return False
         if isinstance(message, _Broken):
             raise message.error
-        if isinstance(message, NewGeneration):
+        if isinstance(message, msg.NewGeneration):
             self.newest_generation = max(self.newest_generation, message.generation)
             if self.memory is not None:
                 self.memory.restore(message.restore)
-        elif isinstance(message, StateRequest):
+        elif isinstance(message, msg.StateRequest):
             data = None if self.memory is None else self.memory.get(message.epoch,
                                                                     message.index)
-            self.spec.replies.send(ScorerState(message.epoch, message.index, data))
-        elif isinstance(message, ScoreRequest):
+            self.spec.replies.send(msg.ScorerState(message.epoch, message.index, data))
+        elif isinstance(message, msg.ScoreRequest):
             self.newest_generation = max(self.newest_generation, message.generation)
             if message.urgent:  # a re-score goes first
                 self.pending.appendleft(message)
@@ -212,7 +200,7 @@ class _Loop:
         self.slots.receive(request.slot)
         replies = self.spec.replies
         if request.generation < self.newest_generation:
-            replies.send(Skipped(request.generation, request.request_id, request.slot.slot))
+            replies.send(msg.Skipped(request.generation, request.request_id, request.slot.slot))
             return
         try:
             version, load_s = self._load_weights()
@@ -221,12 +209,12 @@ class _Loop:
             selection = self.step.choose(batch, ids, request.epoch, request.index,
                                          request.plan)
         except Exception as error:
-            replies.send(Failed(request.generation, request.request_id, request.slot.slot,
+            replies.send(msg.Failed(request.generation, request.request_id, request.slot.slot,
                                 traceback.format_exc(), _pickled_error(error)))
             return
         if self.memory is not None:
             self.memory.remember(request.epoch, request.index)
-        replies.send(Scored.of(request, selection, version=version, load_s=load_s))
+        replies.send(msg.Scored.of(request, selection, version=version, load_s=load_s))
 
 
 def scorer_main(spec: ChildSpec) -> None:
@@ -241,11 +229,11 @@ def scorer_main(spec: ChildSpec) -> None:
             torch.cuda.set_device(spec.device)
         scorer, replica = load_scorer(spec.scorer, spec.specs)
         loop = _Loop(spec, SelectionStep(spec.config, scorer), replica)
-        spec.replies.send(Ready(pid=os.getpid(), start_s=time.perf_counter() - started,
+        spec.replies.send(msg.Ready(pid=os.getpid(), start_s=time.perf_counter() - started,
                                 streaming_imported='streaming' in sys.modules,
                                 threads=torch.get_num_threads()))
     except BaseException:
-        spec.replies.send(Fatal(traceback.format_exc()))
+        spec.replies.send(msg.Fatal(traceback.format_exc()))
         _leave(1)
     try:
         while loop.take_messages():
@@ -255,7 +243,7 @@ def scorer_main(spec: ChildSpec) -> None:
         pass  # The trainer is gone.
     except BaseException:
         try:
-            spec.replies.send(Fatal(traceback.format_exc()))
+            spec.replies.send(msg.Fatal(traceback.format_exc()))
         except OSError:
             pass
         _leave(1)

@@ -72,7 +72,10 @@ from jest_stream.process.ring import BatchRing
 from jest_stream.process.weights import TensorSpec, WeightsTimeout, WeightSync, state_tensors
 from jest_stream.step import SelectionStep
 
-__all__ = ['ProcessScoring']
+__all__ = ['ProcessScoring', 'STARTUP_S']
+
+# Seconds a new scorer process has at least to start (import torch, load the scorer).
+STARTUP_S = 120.0
 
 
 class _Outbox:
@@ -226,6 +229,14 @@ class ProcessScoring:
         self._outbox = _Outbox(requests_write)
         self._finalizer = weakref.finalize(self, _shut_down, self._child, self._outbox)
 
+    def _await_ready(self) -> None:
+        """Wait for the new scorer process to load the scorer: importing torch and a model
+        can take longer than one request may, so start-up gets at least ``STARTUP_S``."""
+        limit = max(self.timeout, STARTUP_S)
+        deadline = time.monotonic() + limit
+        while self.startup is None:
+            self._receive(deadline, 'the scorer process to start', f'{limit:g} s')
+
     def close(self) -> None:
         """Stop the scorer process and free the shared buffers (idempotent)."""
         if self._finalizer is not None:
@@ -323,16 +334,17 @@ class ProcessScoring:
         entry.request_id = request_id
         self._awaited[request_id] = entry
 
-    def _receive(self, deadline: float, what: str) -> None:
-        """Handle one reply from the scorer process, waiting until ``deadline`` at most."""
+    def _receive(self, deadline: float, what: str, limit: str | None = None) -> None:
+        """Handle one reply from the scorer process, waiting until ``deadline`` at most
+        (``limit`` says how long that is, for the message; ``timeout`` by default)."""
         child = self._child
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise self._fail(
                     f'the scorer process (pid {child.process.pid}) sent nothing for '
-                    f'{self.timeout:g} s (timeout=) while the trainer waited for {what}: it is '
-                    f'stopped (SIGSTOP, a debugger, a frozen container) or stuck in the scorer')
+                    f'{limit or f"{self.timeout:g} s (timeout=)"} while the trainer waited for '
+                    f'{what}: it is stopped (SIGSTOP, a debugger, a frozen container) or stuck')
             ready = wait([child.replies, child.process.sentinel], min(left, POLL_S * 4))
             if child.replies in ready:
                 try:
@@ -474,6 +486,7 @@ class ProcessScoring:
         """
         if self._child is None:
             self._start()
+            self._await_ready()
         self._plan_for = plan_for
         self._abandon()
         self._generation += 1
