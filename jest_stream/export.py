@@ -25,7 +25,7 @@ from torch.utils.data import Dataset, Subset
 
 from jest_stream.checks import check_int, check_number
 from jest_stream.errors import DataError, SettingError
-from jest_stream.log import LogError, read_log
+from jest_stream.log import LogError, as_table, read_log
 
 __all__ = ['selection_rates', 'choose_ids', 'write_ids', 'read_ids', 'export_ids',
            'SampleSubset', 'ID_FORMATS']
@@ -38,14 +38,15 @@ def selection_rates(table: Any) -> dict[str, np.ndarray]:
     """How often each sample was a candidate and how often it was selected.
 
     Args:
-        table (pyarrow.Table): A selection log (its ``sample_id``, ``candidate`` and
-            ``selected`` columns at least).
+        table (pyarrow.Table | pandas.DataFrame): A selection log (its ``sample_id``,
+            ``candidate`` and ``selected`` columns at least).
 
     Returns:
         dict[str, np.ndarray]: ``sample_id`` (int64, ascending), ``candidate`` and
         ``selected`` (times, int64) and ``rate`` (``selected / candidate``, float64), over
         the samples that were candidates at least once.
     """
+    table = as_table(table)
     ids = table.column('sample_id').to_numpy()
     candidate = table.column('candidate').to_numpy()
     selected = table.column('selected').to_numpy() & candidate

@@ -56,6 +56,7 @@ __all__ = [
     'LogFile',
     'log_files',
     'read_log',
+    'as_table',
     'step_rows',
     'log_metrics',
     'MetricsWriter',
@@ -137,6 +138,22 @@ def log_files(path: str | os.PathLike[str], rank: int | None = None) -> list[Log
 
 def _file_name(rank: int, first_step: int) -> str:
     return f'selection-rank{rank:03d}-step{first_step:012d}.parquet'
+
+
+def as_table(log: Any) -> Any:
+    """A selection log as a ``pyarrow.Table``: a table as it is, a pandas DataFrame converted.
+
+    Raises:
+        SettingTypeError: ``log`` is neither.
+    """
+    import pyarrow as pa
+
+    if isinstance(log, pa.Table):
+        return log
+    if type(log).__module__.startswith('pandas') and hasattr(log, 'columns'):
+        return pa.Table.from_pandas(log, preserve_index=False)
+    raise SettingTypeError(f'a selection log is a pyarrow.Table (read_log) or a pandas '
+                           f'DataFrame (pandas.read_parquet), not a {type(log).__name__}')
 
 
 def _read_file(path: Path, columns: Sequence[str] | None = None) -> Any:

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from jest_stream.errors import JestStreamError, SettingError
-from jest_stream.log import read_log
+from jest_stream.log import as_table, read_log
 
 __all__ = [
     'ReportDependencyError',
@@ -62,6 +62,7 @@ def _array(table: Any, name: str) -> np.ndarray:
 
 def default_window(table: Any, windows: int = 50) -> int:
     """Steps per window so that the run spans about ``windows`` windows (at least 1)."""
+    table = as_table(table)
     steps = _array(table, 'step')
     span = int(steps.max()) + 1 if len(steps) else 1
     return max(1, -(-span // windows))
@@ -77,6 +78,7 @@ def detect_columns(table: Any) -> tuple[list[str], list[str]]:
     Returns:
         tuple[list[str], list[str]]: ``(groups, flags)``.
     """
+    table = as_table(table)
     groups, flags = [], []
     for name in table.column_names:
         if name in _LOG_COLUMNS:
@@ -118,7 +120,7 @@ def score_quantiles(table: Any, *, window: int, quantiles: Sequence[float] = QUA
     """Quantiles of every score per window of steps, over all candidates and the selected.
 
     Args:
-        table (pyarrow.Table): The log.
+        table (pyarrow.Table | pandas.DataFrame): The log.
         window (int): Steps per window.
         quantiles (Sequence[float]): Which quantiles (0.1, 0.5, 0.9 by default).
 
@@ -127,6 +129,7 @@ def score_quantiles(table: Any, *, window: int, quantiles: Sequence[float] = QUA
         with values (``score``, ``learner``, ``reference``) ``{'candidates': [[q...] per
         window], 'selected': [...]}`` (None where a window has no value).
     """
+    table = as_table(table)
     starts, rows = _windows(table, window)
     candidate, selected = _array(table, 'candidate'), _array(table, 'selected')
     out: dict[str, Any] = {'step': starts.tolist(), 'quantiles': list(quantiles)}
@@ -153,7 +156,7 @@ def group_shares(table: Any, column: str, *, window: int) -> dict[str, Any]:
     """Each group's share of the selected samples (and of the candidates), per window.
 
     Args:
-        table (pyarrow.Table): The log.
+        table (pyarrow.Table | pandas.DataFrame): The log.
         column (str): The grouping column (``stream``, a label).
         window (int): Steps per window.
 
@@ -162,6 +165,7 @@ def group_shares(table: Any, column: str, *, window: int) -> dict[str, Any]:
         share in each window; ``overall``: per group, ``{'selected', 'candidates'}`` shares
         over the whole log.
     """
+    table = as_table(table)
     values = _array(table, column)
     candidate, selected = _array(table, 'candidate'), _array(table, 'selected')
     groups = np.unique(values)
@@ -188,6 +192,7 @@ def selection_counts(table: Any) -> dict[str, Any]:
         ``{'times': [0, 1, ...], 'samples': [...]}`` (samples selected that many times), and
         ``mean_rate`` (selections per candidacy, averaged over samples).
     """
+    table = as_table(table)
     ids = _array(table, 'sample_id')
     candidate, selected = _array(table, 'candidate'), _array(table, 'selected')
     offered, times_offered = np.unique(ids[candidate], return_counts=True)
@@ -213,7 +218,7 @@ def score_scatter(table: Any, *, max_points: int = 5000, seed: int = 0) -> dict[
     """Learner against reference losses of the candidates, subsampled for large logs.
 
     Args:
-        table (pyarrow.Table): The log.
+        table (pyarrow.Table | pandas.DataFrame): The log.
         max_points (int): At most this many points (a uniform sample, private generator).
         seed (int): Seed of the subsample.
 
@@ -222,6 +227,7 @@ def score_scatter(table: Any, *, max_points: int = 5000, seed: int = 0) -> dict[
         values), ``candidates`` (how many had both losses) and ``shown``; empty lists when
         the log has no learner or reference losses.
     """
+    table = as_table(table)
     empty = {'learner': [], 'reference': [], 'selected': [], 'candidates': 0, 'shown': 0}
     if not {'learner', 'reference'} <= set(table.column_names):
         return empty
@@ -242,7 +248,7 @@ def flagged_fraction(table: Any, column: str, *, window: int) -> dict[str, Any]:
     """The share of flagged samples (a noise flag) among the selected and the candidates.
 
     Args:
-        table (pyarrow.Table): The log.
+        table (pyarrow.Table | pandas.DataFrame): The log.
         column (str): A bool or 0/1 column.
         window (int): Steps per window.
 
@@ -251,6 +257,7 @@ def flagged_fraction(table: Any, column: str, *, window: int) -> dict[str, Any]:
         ``overall`` (both over the log) and ``kept_ratio``: the flagged share among the
         selected over that among the candidates (below 1: selection avoids them).
     """
+    table = as_table(table)
     flags = _array(table, column).astype(bool)
     candidate, selected = _array(table, 'candidate'), _array(table, 'selected')
     starts, rows = _windows(table, window)
@@ -283,6 +290,7 @@ def summarise(table: Any) -> dict[str, Any]:
         ``candidate_rows``, ``scores`` (per score column: ``candidates`` and ``selected``
         means) and ``policy`` (mean and last ``pressure``, ``mix``, ``filter_ratio_now``).
     """
+    table = as_table(table)
     step = _array(table, 'step')
     candidate, selected = _array(table, 'candidate'), _array(table, 'selected')
     scores = {}
@@ -310,7 +318,8 @@ def build_report(table: Any, *, window: int | None = None, groups: Sequence[str]
     """Every summary of a log, as one JSON-ready dict.
 
     Args:
-        table (pyarrow.Table): The log (:func:`~jest_stream.log.read_log`).
+        table (pyarrow.Table | pandas.DataFrame): The log (:func:`~jest_stream.log.read_log`,
+            ``pandas.read_parquet``).
         window (int, optional): Steps per window; :func:`default_window` by default.
         groups (Sequence[str], optional): Grouping columns (shares of the selected over
             time); detected by :func:`detect_columns` by default.
@@ -326,6 +335,7 @@ def build_report(table: Any, *, window: int | None = None, groups: Sequence[str]
     Raises:
         SettingError: A named column is not in the log.
     """
+    table = as_table(table)
     found_groups, found_flags = detect_columns(table)
     groups = found_groups if groups is None else list(groups)
     flags = found_flags if flags is None else list(flags)

@@ -105,6 +105,8 @@ def test_summaries_of_a_log_with_known_answers():
     report = build_report(table, window=2)
     assert set(report['groups']) == {'label'} and set(report['flags']) == {'noisy'}
     json.dumps(report)  # plain values only
+    assert build_report(table.to_pandas(), window=2) == report  # pandas.read_parquet's frame
+    assert selection_rates(table.to_pandas())['rate'].tolist() == [1.0, 0.5, 0.5, 0.0]
     with pytest.raises(SettingError, match="'colour' is not a column"):
         build_report(table, groups=['colour'])
 
