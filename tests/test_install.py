@@ -9,7 +9,9 @@ was installed, never from the source tree.
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import sysconfig
@@ -36,10 +38,24 @@ def _fresh_env(path: Path) -> Path:
     return python
 
 
+def _run(args: list[str], **kwargs) -> subprocess.CompletedProcess:
+    """``subprocess.run`` in a process group of its own, killed whole after 5 minutes."""
+    process = subprocess.Popen(args, start_new_session=True, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, **kwargs)
+    try:
+        out, err = process.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        raise
+    if process.returncode:
+        raise subprocess.CalledProcessError(process.returncode, args, out, err)
+    return subprocess.CompletedProcess(args, 0, out, err)
+
+
 def _install(python: Path, requirement: str, tmp_path: Path) -> None:
-    subprocess.run([sys.executable, '-m', 'pip', '--python', str(python), 'install',
-                    '--quiet', '--no-deps', '--no-build-isolation', requirement],
-                   check=True, cwd=tmp_path, capture_output=True, text=True)
+    _run([sys.executable, '-m', 'pip', '--python', str(python), 'install', '--quiet',
+          '--no-deps', '--no-build-isolation', requirement], cwd=tmp_path)
 
 
 def _check(python: Path, tmp_path: Path) -> None:
@@ -84,7 +100,17 @@ def test_the_wheel_installs_and_runs(wheel: Path, tmp_path: Path):
 def test_a_git_requirement_installs_and_runs(tmp_path: Path):
     if not (ROOT / '.git').exists():
         pytest.skip('the source tree is not a git clone')
-    # The committed tree, named as a user's requirement names a repository.
+    # The committed tree, in a repository of its own: pip clones with a partial-clone filter,
+    # which a shallow clone (as CI may check out) cannot serve.
+    repo = tmp_path / 'repo'
+    repo.mkdir()
+    tar = subprocess.run(['git', '-C', str(ROOT), 'archive', 'HEAD'], check=True,
+                         capture_output=True, timeout=120).stdout
+    subprocess.run(['tar', '-x', '-C', str(repo)], input=tar, check=True, timeout=120)
+    for args in (['init', '--quiet'], ['add', '--all'],
+                 ['-c', 'user.name=t', '-c', 'user.email=t@t', 'commit', '--quiet', '-m', 'x']):
+        subprocess.run(['git', '-C', str(repo), *args], check=True, capture_output=True,
+                       timeout=120)
     python = _fresh_env(tmp_path / 'env')
-    _install(python, f'jest-stream @ git+file://{ROOT}', tmp_path)
+    _install(python, f'jest-stream @ git+file://{repo}', tmp_path)
     _check(python, tmp_path)
