@@ -19,6 +19,7 @@ training frameworks can checkpoint it like any DataLoader.
 from __future__ import annotations
 
 import io
+import os
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -38,6 +39,7 @@ from jest_stream.config import SelectionConfig, super_batch_size_for
 from jest_stream.criteria import Criterion
 from jest_stream.distributed import GlobalScope, rank_and_world
 from jest_stream.errors import SettingError, SettingTypeError, StateError, UsageError
+from jest_stream.log import as_recorder
 from jest_stream.policies import Plan, Progress, SelectionPolicy
 from jest_stream.process import ProcessScoring, check_picklable
 from jest_stream.scoring.base import LearningScorer
@@ -165,9 +167,11 @@ class SelectiveLoader(DataLoader):
             mixing, adaptive pressure, quotas per group and importance weights (see
             :mod:`jest_stream.policies`); full pressure and nothing else by default. Its
             state is part of :meth:`state_dict`.
-        selection_log (Recorder, optional): Records every super-batch handed over (a
-            :class:`~jest_stream.log.SelectionLog`): flushed by :meth:`state_dict`, cut back
-            to the saved position by :meth:`load_state_dict`, closed by :meth:`close`.
+        selection_log (str | PathLike | Recorder, optional): Records every super-batch handed
+            over: a folder (a :class:`~jest_stream.log.SelectionLog` there, with the stream of
+            each sample of a ``StreamingDataset``), or a ``SelectionLog`` built with columns
+            of the batch to log. Flushed by :meth:`state_dict`, cut back to the saved
+            position by :meth:`load_state_dict`, closed by :meth:`close`.
         autocast (torch.dtype, optional): Run the scoring forwards under ``torch.autocast``
             in this dtype (``torch.bfloat16``, or ``torch.float16`` on CUDA): cheaper scoring
             on accelerators; scores are still computed in float32.
@@ -190,7 +194,7 @@ class SelectiveLoader(DataLoader):
                  sync_every: int | None = None, max_staleness: int | None = None,
                  prefetch_depth: int | None = None, selection_scope: str = 'rank',
                  policy: SelectionPolicy | None = None,
-                 selection_log: Recorder | None = None,
+                 selection_log: Recorder | str | os.PathLike[str] | None = None,
                  autocast: torch.dtype | None = None) -> None:
         if filter_ratio is None and super_batch_size is None:
             raise SettingError('give filter_ratio=... (the fraction of each super-batch left '
@@ -250,7 +254,7 @@ class SelectiveLoader(DataLoader):
         step.record = self._record
         step.stream_offsets = _stream_offsets(dataset, policy)
         self.policy = policy
-        self.selection_log = selection_log
+        self.selection_log = as_recorder(selection_log, streams=dataset)
         self._handed: tuple[int, int] | None = None  # last super-batch handed over
         # Sub-batches handed over in the epochs before the current one, and in it: the steps
         # of a schedule.

@@ -48,10 +48,11 @@ from torch import Tensor
 from jest_stream.batch import get_column
 from jest_stream.checks import check_bool, check_int
 from jest_stream.errors import DataError, SettingError, SettingTypeError, StateError
-from jest_stream.step import StepResult
+from jest_stream.step import Recorder, StepResult
 
 __all__ = [
     'SelectionLog',
+    'as_recorder',
     'LogError',
     'LogFile',
     'log_files',
@@ -398,6 +399,33 @@ def _flush_open_logs() -> None:
             log.close()
         except Exception:  # noqa: BLE001 - the interpreter is exiting: report, don't raise
             logger.exception('could not write the selection log in %s at exit', log.path)
+
+
+def as_recorder(selection_log: Recorder | str | os.PathLike[str] | None, *,
+                streams: Any = None) -> Recorder | None:
+    """The ``selection_log`` setting of the loader and of the Composer algorithm.
+
+    Args:
+        selection_log: None (no log); a folder, which becomes ``SelectionLog(folder)``
+            logging the stream of every sample when ``streams`` is known; or a recorder
+            (a :class:`SelectionLog` with columns of your choice, or your own
+            :class:`~jest_stream.step.Recorder`), used as given.
+        streams (StreamingDataset, optional): The dataset read, when it has streams.
+
+    Raises:
+        SettingTypeError: Anything else (the message names the accepted kinds).
+    """
+    if selection_log is None:
+        return None
+    if isinstance(selection_log, (str, os.PathLike)):
+        offsets = getattr(streams, 'sample_offset_per_stream', None)
+        return SelectionLog(selection_log, streams=offsets)
+    if not all(callable(getattr(selection_log, name, None))
+               for name in ('record', 'state_dict', 'load_state_dict', 'close')):
+        raise SettingTypeError(f'selection_log={selection_log!r} must be a folder (str or '
+                               f'PathLike), a jest_stream.SelectionLog, or a recorder with '
+                               f'record, state_dict, load_state_dict and close')
+    return selection_log
 
 
 def _check_columns(columns: Any, streams: bool) -> dict[str, str | int]:

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import gc
 import logging
+import shutil
 from pathlib import Path
 
+import pandas
 import pytest
 import torch
 from composer import Trainer
@@ -30,7 +32,13 @@ from helpers.composer import (  # noqa: F401 (one_thread is an autouse fixture)
 )
 from helpers.data import N_CLASSES, features_and_labels
 from helpers.models import tiny_classifier
-from jest_stream import ClassificationScorer, SelectiveLoader, collate_samples, get_criterion
+from jest_stream import (
+    ClassificationScorer,
+    SelectiveLoader,
+    collate_samples,
+    get_criterion,
+    read_log,
+)
 from jest_stream.config import SelectionConfig
 from jest_stream.integrations.composer import JESTAlgorithm, call_model, jest_first
 from jest_stream.step import SelectionStep
@@ -181,10 +189,12 @@ def _save_at_epoch_ends(state, event):
     return event == Event.EPOCH_CHECKPOINT
 
 
-def _run(tmp_path, make_streaming, mds_dir, total, *, load_path=None, save_interval=None):
+def _run(tmp_path, make_streaming, mds_dir, total, *, load_path=None, save_interval=None,
+         selection_log=None):
     factory = RecordingFactory(_reference())
     trained = TrainedBatches()
-    algorithm = JESTAlgorithm(filter_ratio=0.8, scorer_factory=factory, n_chunks=2)
+    algorithm = JESTAlgorithm(filter_ratio=0.8, scorer_factory=factory, n_chunks=2,
+                              selection_log=selection_log)
     extra = {} if save_interval is None else {'save_folder': str(tmp_path / 'ckpt'),
                                               'save_interval': save_interval}
     trainer = _trainer(_loader(make_streaming, mds_dir), algorithm, callbacks=[trained],
@@ -224,6 +234,27 @@ def test_resume_from_composer_checkpoints_is_exact(tmp_path: Path, mds_dir, make
         assert resumed['selected'] == full['selected'][done:], f'{name} selected differently'
         assert resumed['time'] == full['time']
         _assert_same_weights(resumed['weights'], full['weights'])
+
+
+def test_the_selection_log_follows_checkpoints(tmp_path: Path, mds_dir, make_streaming):
+    """A run logs every super-batch; resumed from a checkpoint with the log of a run that
+    went on past it, the log is cut back to the checkpoint and ends as an uninterrupted one."""
+    total = 6
+    full = _run(tmp_path, make_streaming, mds_dir, total,
+                save_interval=_save_at_batch_4_and_epoch_ends, selection_log=tmp_path / 'log')
+    table = read_log(tmp_path / 'log').to_pandas()
+    assert sorted(set(table['step'])) == list(range(total))
+    assert len(table) == total * B
+    for step, rows in table.groupby('step'):
+        chosen = rows[rows['selected']].sort_values('order')
+        assert chosen['sample_id'].tolist() == full['selected'][step]
+    shutil.copytree(tmp_path / 'log', tmp_path / 'killed')
+    _run(tmp_path, make_streaming, mds_dir, total, selection_log=tmp_path / 'killed',
+         load_path=str(tmp_path / 'ckpt' / 'ep0-ba4-rank0.pt'))
+    resumed = read_log(tmp_path / 'killed').to_pandas()
+    pandas.testing.assert_frame_equal(resumed, table)
+    with pytest.raises(ValueError, match='already holds a selection log'):
+        _run(tmp_path, make_streaming, mds_dir, 1, selection_log=tmp_path / 'log')
 
 
 @pytest.mark.parametrize('name', ['ep0-ba6-rank0.pt', 'ep1-ba6-rank0.pt'])

@@ -36,6 +36,7 @@ from jest_stream import (
     SelectionStep,
     SelectiveLoader,
     SettingError,
+    SettingTypeError,
     StateError,
 )
 from jest_stream.errors import DataError
@@ -176,9 +177,9 @@ def test_streams_of_a_streaming_dataset_are_logged(tmp_path):
         shuffle=True, shuffle_seed=3, num_canonical_nodes=1)
     scorer = ClassificationScorer(tiny_classifier(0), tiny_classifier(1), input_key='x',
                                   target_key='y')
-    log = SelectionLog(tmp_path / 'log', streams=dataset)
+    # A folder is enough: the loader logs a StreamingDataset's streams.
     loader = SelectiveLoader(dataset, batch_size=10, filter_ratio=0.8, scorer=scorer,
-                             selection_log=log,
+                             selection_log=str(tmp_path / 'log'),
                              policy=SelectionPolicy(quota=Quota('stream', min_share=0.2)))
     shares = []
     for _ in loader:
@@ -310,6 +311,9 @@ def test_bad_settings_and_columns_are_refused_with_the_fix(tmp_path):
         SelectionLog(tmp_path, max_rows_per_file=0)
     with pytest.raises(SettingError, match='streams'):
         SelectionLog(tmp_path, streams=[5, 10])
+    with pytest.raises(SettingTypeError, match='must be a folder'):
+        SelectiveLoader(_tensors(40), batch_size=8, filter_ratio=0.5, scorer=_tuple_scorer(),
+                        selection_log=True)
     config = SelectionConfig.create(batch_size=8, super_batch_size=40)
     batch = _super_batch(40, 0)
     for columns, error, message in (({'label': 'missing'}, MissingColumnError, 'missing'),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -27,11 +28,12 @@ from jest_stream.config import SelectionConfig
 from jest_stream.criteria import Criterion
 from jest_stream.errors import SettingError, SettingTypeError, StateError, UsageError
 from jest_stream.integrations.composer.models import call_model, unwrap_model
+from jest_stream.log import as_recorder
 from jest_stream.losses import per_example_cross_entropy
 from jest_stream.policies import Progress, Schedule, SelectionPolicy
 from jest_stream.scoring import ClassificationScorer, ColumnReference, ReferenceTable
 from jest_stream.scoring.reference import resolve_reference
-from jest_stream.step import Selection, SelectionStep, StepResult
+from jest_stream.step import Recorder, Selection, SelectionStep, StepResult
 from jest_stream.telemetry import score_statistics
 
 __all__ = ['JESTAlgorithm', 'OUTSIDE_WINDOW', 'STATE_VERSION']
@@ -144,6 +146,12 @@ class JESTAlgorithm(Algorithm):
         eval_metric (str, optional): Name of an evaluation metric (``MulticlassAccuracy``)
             whose value at each ``EVAL_END`` is reported to the policy's
             :class:`~jest_stream.policies.AdaptivePressure`.
+        selection_log (str | PathLike | Recorder, optional): Records every super-batch: a
+            folder (a :class:`~jest_stream.log.SelectionLog` there), or a ``SelectionLog``
+            built with columns of the batch to log (and ``streams=`` the dataset, to log the
+            stream of each sample). Each rank writes its own files. Flushed whenever Composer
+            saves a checkpoint, cut back to the checkpoint's position when a run resumes from
+            it, closed at ``FIT_END``.
 
     Raises:
         SettingError: A setting out of range, unknown or inconsistent with another.
@@ -162,7 +170,8 @@ class JESTAlgorithm(Algorithm):
                  outside_window: str = 'uniform', id_key: str | int | None = 'sample_id',
                  batch_transform: Callable[[Batch], Batch] | None = None,
                  count_flops: bool = False, policy: SelectionPolicy | None = None,
-                 eval_metric: str | None = None, autocast: torch.dtype | None = None) -> None:
+                 eval_metric: str | None = None, autocast: torch.dtype | None = None,
+                 selection_log: Recorder | str | os.PathLike[str] | None = None) -> None:
         if (filter_ratio is None) == (batch_size is None):
             raise SettingError('give exactly one of filter_ratio=... or batch_size=... (the '
                                'sub-batch size)')
@@ -192,6 +201,7 @@ class JESTAlgorithm(Algorithm):
                                f'reported to the policy\'s AdaptivePressure: give a metric name '
                                f'and policy=SelectionPolicy(adaptive=AdaptivePressure(...))')
         self.eval_metric = eval_metric
+        self.selection_log = as_recorder(selection_log)
         check_key(id_key, 'id_key', optional=True)
         check_key(target_key, 'target_key')
         self.reference = reference
@@ -246,6 +256,8 @@ class JESTAlgorithm(Algorithm):
             return True
         if event == Event.EVAL_END:
             return self.eval_metric is not None
+        if event == Event.FIT_END:
+            return self.selection_log is not None
         return event in (Event.INIT, Event.FIT_START)
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
@@ -257,15 +269,19 @@ class JESTAlgorithm(Algorithm):
             self._select(state, logger)
         elif event == Event.EVAL_END:
             self._report_eval(state)
+        elif event == Event.FIT_END:
+            self.selection_log.close()
 
     def state_dict(self) -> dict[str, Any]:
-        """Plain Python values: the seed, counters and the policy's state (positions come
-        from the timestamp)."""
+        """Plain Python values: the seed, counters, the policy's state and the selection
+        log's position (positions in the data come from the timestamp). Writes every row of
+        the selection log logged so far."""
         return {'version': STATE_VERSION, 'seed': self.seed,
                 'batches_selected': self.batches_selected,
                 'batches_outside': self.batches_outside,
                 'samples_trained': self.samples_trained,
-                'policy': self.policy.state_dict()}
+                'policy': self.policy.state_dict(),
+                'log': None if self.selection_log is None else self.selection_log.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`; an explicit ``seed`` must match the saved one.
@@ -291,6 +307,8 @@ class JESTAlgorithm(Algorithm):
                 f'seed={self._explicit_seed}; resume with the same seed (or seed=None to take the '
                 f'saved one) or selections will not continue exactly')
         self.policy.load_state_dict(state.get('policy', {}))
+        if self.selection_log is not None:
+            self.selection_log.load_state_dict(state.get('log') or {})
         self._set_seed(saved)
         self.batches_selected = state['batches_selected']
         self.batches_outside = state['batches_outside']
@@ -476,6 +494,8 @@ class JESTAlgorithm(Algorithm):
                             score_statistics(selection.scores, selection.selected).items()})
         if self._logger is not None:
             self._logger.log_metrics(metrics)
+        if self.selection_log is not None:
+            self.selection_log.record(result)
 
 
 def _window_policy(policy: SelectionPolicy | None, start: float, end: float
