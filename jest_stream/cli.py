@@ -165,15 +165,22 @@ def _run_validate(args: argparse.Namespace) -> int:
     return 1
 
 
+def _log_command(subparsers: argparse._SubParsersAction, name: str, summary: str,
+                 description: str) -> argparse.ArgumentParser:
+    """A subcommand that reads a selection log: its LOGDIR argument."""
+    parser = subparsers.add_parser(name, help=summary, description=description)
+    parser.add_argument('log', metavar='LOGDIR', help='the folder of the selection log')
+    return parser
+
+
 def _add_report(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        'report', help='summaries and plots of a selection log',
-        description=(
+    parser = _log_command(
+        subparsers, 'report', 'summaries and plots of a selection log',
+        (
             'Read a selection log (jest_stream.log.SelectionLog) and write report.json, PNG plots '
             '(score quantiles over time, shares of each group among the selected, how often '
             'each sample was selected, learner against reference losses, the share of flagged '
             'samples among the selected) and index.html, which shows them. Prints the summary.'))
-    parser.add_argument('log', metavar='LOGDIR', help='the folder of the selection log')
     parser.add_argument('--out', help='folder of the report (default: LOGDIR/report)')
     parser.add_argument('--window', type=int, metavar='STEPS',
                         help='steps per window of the curves (default: about 50 windows)')
@@ -214,14 +221,13 @@ def _run_report(args: argparse.Namespace) -> int:
 
 
 def _add_export(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        'export', help='the ids a selection log selected most (or least) often',
-        description=(
+    parser = _log_command(
+        subparsers, 'export', 'the ids a selection log selected most (or least) often',
+        (
             'Rank the samples of a selection log by how often selection took them when they '
             'were candidates, and write the ids of the top (or bottom) fraction as .npy or '
             '.parquet: a curated subset to train on (read it back with '
             'jest_stream.export.read_ids and SampleSubset).'))
-    parser.add_argument('log', metavar='LOGDIR', help='the folder of the selection log')
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument('--top', type=float, metavar='FRACTION',
                        help='keep this fraction of the samples, the most selected')
