@@ -43,6 +43,7 @@ import argparse
 import functools
 import gc
 import json
+import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -55,11 +56,26 @@ from torch import nn
 
 from benchmarks.common import report, stats
 from benchmarks.common.data import open_streaming, prepare
+from benchmarks.common.models import (
+    count_parameters,
+    make_proxy_classifier,
+    make_proxy_two_tower,
+)
+from benchmarks.common.peers import (
+    RepeatedRandomSubsets,
+    SelectiveBackprop,
+    SelectiveBackpropLoader,
+    SelectiveBackpropSettings,
+)
 from benchmarks.common.tasks import TASKS, ReferenceSettings, TaskSetup, prepare_task
 from benchmarks.common.training import STEP_COSTS, train_selective
 from jest_stream import (
+    AdaptivePressure,
     MixedResolution,
+    ProxyScorer,
     SampleIdStreamingDataset,
+    Schedule,
+    SelectionPolicy,
     SelectiveLoader,
     count_flops,
     get_criterion,
@@ -68,29 +84,39 @@ from jest_stream import (
     super_batch_size_for,
     train_step_flops,
 )
+from jest_stream.batch import batch_length
 
 __all__ = [
     'Config',
+    'FULL',
     'METHODS',
     'Method',
+    'PROXIES',
     'QUICK',
     'SCHEMA',
+    'adaptive_policy',
     'configuration_flops',
+    'equal_compute',
+    'flops_curve',
     'format_table',
     'format_verdicts',
     'main',
     'parse_args',
     'plot',
+    'proxy_scorer',
+    'recommended_policy',
     'run_benchmark',
     'run_one',
     'selective_loader',
     'summarise',
 ]
 
-SCHEMA = 'jest_stream.learning_efficiency/2'
+SCHEMA = 'jest_stream.learning_efficiency/3'
 COLOURS = {'uniform': 'tab:gray', 'hard_learner': 'tab:red', 'easy_reference': 'tab:orange',
            'learnability': 'tab:blue', 'independent': 'tab:orange', 'joint': 'tab:blue',
-           'flexi_joint': 'tab:purple'}
+           'flexi_joint': 'tab:purple', 'proxy': 'tab:cyan', 'recommended': 'tab:green',
+           'adaptive': 'tab:olive', 'rho_loss': 'tab:brown', 'sb_default': 'tab:pink',
+           'sb_suggested': 'magenta', 'rs2': 'black', 'uniform_compute': 'silver'}
 
 # Methods
 
@@ -99,15 +125,18 @@ COLOURS = {'uniform': 'tab:gray', 'hard_learner': 'tab:red', 'easy_reference': '
 class Method:
     """One compared way of choosing what the learner trains on: an entry of :data:`METHODS`.
 
-    The built-in methods need only the first four fields. The hooks make a new scorer or
-    a peer baseline one entry plus, at most, a small function:
+    The built-in methods need only the first fields. The hooks make a new scorer, a policy
+    or a peer baseline one entry plus, at most, a small function:
 
-    - a proxy learner trained online (RHO-LOSS's proxy): ``scorer`` builds the proxy
-      scorer, ``after_step`` trains it on each selected sub-batch (timed with the step),
-      ``extra_flops`` counts that training step;
+    - a proxy learner trained online (RHO-LOSS's proxy, ``jest_stream.ProxyScorer``):
+      ``scorer`` builds the proxy scorer, which learns inside the loader's step (timed as
+      scoring); ``extra_flops`` counts its training step;
+    - a selection policy (``jest_stream.SelectionPolicy``): ``policy`` builds a fresh one per
+      run; ``report_metric`` feeds the held-out metric to its adaptive pressure;
     - scoring under ``torch.autocast``: ``scorer`` wraps the task's scorer;
     - Composer's SelectiveBackprop or RS2 (repeated random subsets): ``loader`` yields
-      their sub-batches instead of a ``SelectiveLoader`` over the pool;
+      their sub-batches instead of a ``SelectiveLoader`` over the pool; ``drawn`` says how
+      many examples a selecting step reads;
     - uniform at equal compute: ``steps`` gives it the budget another method's FLOPs buy.
 
     Attributes:
@@ -121,17 +150,29 @@ class Method:
             only the ``b`` it trains on, as a loop without selection does (the uniform
             baseline: it would otherwise pay in wall-clock time for reading examples it
             throws away).
-        scorer (Callable, optional): ``scorer(setup, learner, reference, method, config)``
-            builds the scorer (``reference`` is the cache, or the live model when FLOPs
-            with a live reference are counted); None: the task's scorer.
+        peer (str, optional): For a peer (another method from the literature, or a
+            baseline that is not jest_stream's), where it comes from; None for jest_stream's
+            own methods.
+        temperature (float, optional): Selection temperature; None: ``Config.temperature``.
+        scorer (Callable, optional): ``scorer(setup, learner, reference, method, config,
+            seed)`` builds the scorer (``reference`` is the cache, or the live model when
+            FLOPs with a live reference are counted); None: the task's scorer.
         after_step (Callable, optional): ``after_step(scorer, batch)`` after each optimizer
             step.
         extra_flops (Callable, optional): ``extra_flops(scorer, super_batch, sub_batch)``:
-            FLOPs per step of work outside training, scoring and selection.
+            FLOPs per scoring step of work outside training, scoring and selection.
         loader (Callable, optional): ``loader(setup, method, scorer, ratio, seed, config)``
             returns the iterable of sub-batches; None: :func:`selective_loader`.
-        steps (Callable, optional): ``steps(config) -> int``, the method's step budget;
-            None: ``config.steps``.
+        steps (Callable, optional): ``steps(config, entry) -> int``, the method's step
+            budget, from ``entry``, the summary of the other methods of its task and ratio
+            (:func:`summarise`); such a method runs after them. None: ``config.steps``.
+        policy (Callable, optional): ``policy(config, ratio) -> SelectionPolicy``, built
+            afresh for every run.
+        report_metric (bool): After every evaluation, report the held-out metric (the
+            task's metric on the clean split, which no learner trains on) to the loader's
+            adaptive pressure (``loader.report_metric``).
+        drawn (Callable, optional): ``drawn(config, ratio) -> int``: examples a scoring
+            step reads; None: ``B`` (or ``b`` when ``reads_super_batches`` is False).
     """
 
     label: str
@@ -139,18 +180,169 @@ class Method:
     selection: str | None = None
     flexi: bool = False
     reads_super_batches: bool = True
+    peer: str | None = None
+    temperature: float | None = None
     scorer: Callable[..., Any] | None = None
     after_step: Callable[[Any, dict[str, Any]], None] | None = None
     extra_flops: Callable[[Any, dict[str, Any], dict[str, Any]], int] | None = None
     loader: Callable[..., Iterable[dict[str, Any]]] | None = None
-    steps: Callable[[Config], int] | None = None
+    steps: Callable[[Config, dict[str, Any] | None], int] | None = None
+    policy: Callable[[Config, float], SelectionPolicy] | None = None
+    report_metric: bool = False
+    drawn: Callable[[Config, float], int] | None = None
 
     def record(self) -> dict[str, Any]:
         """JSON-ready description: the settings, and the names of the hooks in use."""
-        hooks = ('scorer', 'after_step', 'extra_flops', 'loader', 'steps')
+        hooks = ('scorer', 'after_step', 'extra_flops', 'loader', 'steps', 'policy', 'drawn')
         return {'label': self.label, 'criterion': self.criterion, 'selection': self.selection,
                 'flexi': self.flexi, 'reads_super_batches': self.reads_super_batches,
+                'peer': self.peer, 'temperature': self.temperature,
+                'report_metric': self.report_metric,
                 'hooks': [h for h in hooks if getattr(self, h) is not None]}
+
+
+# The proxy learner (RHO-LOSS's proxy model, ClassAct's small scorer)
+
+#: Each task's proxy learner: a quarter of the learner's channels, half its widths (about
+#: an eighth of its parameters and a twelfth of its FLOPs).
+PROXIES: dict[str, Callable[[int], nn.Module]] = {
+    'classification': make_proxy_classifier, 'contrastive': make_proxy_two_tower}
+
+
+def proxy_scorer(setup: TaskSetup, learner: nn.Module, reference: Any, method: Method,
+                 config: Config, seed: int) -> ProxyScorer:
+    """Learnability scored by the task's proxy learner, with the reference's stored outputs.
+
+    The proxy starts from its own seed, and learns online (Adam at the learners' learning
+    rate, one step per super-batch) from the sub-batches it selects; the learner is not
+    used for scoring.
+    """
+    proxy = PROXIES[setup.task.name](20_000 + seed)
+    return ProxyScorer(setup.task.make_scorer(proxy, reference),
+                       optimizer=functools.partial(torch.optim.Adam, lr=config.lr))
+
+
+def _proxy_training_flops(scorer: ProxyScorer, super_batch: dict[str, Any],
+                          sub_batch: dict[str, Any]) -> int:
+    rows = torch.arange(batch_length(sub_batch))
+    return int(scorer.learn(super_batch, torch.arange(batch_length(super_batch)), rows,
+                            count_flops=True))
+
+
+# Selection policies
+
+
+#: Where the recommended policy starts to anneal, as a fraction of the budget.
+RECOMMENDED_ANNEAL_START = 0.75
+
+
+def recommended_policy(config: Config, ratio: float) -> SelectionPolicy:
+    """Full pressure for the first three quarters of the budget, then a cosine anneal to
+    uniform sampling (and no scoring) at the end.
+
+    Selection gives most early, while the learner is far from the reference; late, the
+    selected runs level off near the reference's accuracy. Tuned on the contrastive task
+    (see ``benchmarks/README.md``): an anneal over the second half cost more final accuracy
+    on this pool (40% mismatched pairs come back with uniform sampling) than one over the
+    last quarter; neither changes the steps to uniform's final accuracy, which the first
+    half sets.
+    """
+    start = RECOMMENDED_ANNEAL_START * config.steps
+    return SelectionPolicy(schedule=Schedule(anneal_start=start, anneal_end=float(config.steps),
+                                             shape='cosine'))
+
+
+#: The adaptive policy's learnability threshold: below any mean learnability, so that
+#: learnability only restores the pressure. On a pool with 40% corrupted labels (mismatched
+#: captions) the candidates' mean learnability is negative from the first step (the
+#: reference's loss on the corrupted examples dominates it): a threshold at 0 eased
+#: selection to its floor within 30 steps, and the held-out metric is the better signal.
+ADAPTIVE_MIN_LEARNABILITY = -1e6
+
+
+def adaptive_policy(config: Config, ratio: float) -> SelectionPolicy:
+    """Full pressure while the held-out metric improves, half of it while it does not.
+
+    Windows of ``eval_every`` steps, one evaluation each: an evaluation whose held-out
+    metric (the task's metric on the clean split, reported with ``loader.report_metric``)
+    does not beat the best so far halves the pressure of the window after next; the next
+    window restores it, as the candidates stay learnable (``ADAPTIVE_MIN_LEARNABILITY``).
+    """
+    return SelectionPolicy(adaptive=AdaptivePressure(
+        window=config.eval_every, min_learnability=ADAPTIVE_MIN_LEARNABILITY, decay=0.5,
+        floor=0.5, mode='max'))
+
+
+# Peers: Composer's SelectiveBackprop, RS2, uniform at equal compute
+
+SELECTIVE_BACKPROP = 'Composer SelectiveBackprop (Jiang et al., 2019)'
+
+
+def _selective_backprop(settings: SelectiveBackpropSettings, label: str) -> Method:
+    def scorer(setup: TaskSetup, learner: nn.Module, reference: Any, method: Method,
+               config: Config, seed: int) -> SelectiveBackprop:
+        return SelectiveBackprop(learner, setup.task.name, settings,
+                                 batch_size=config.batch_size,
+                                 drawn=settings.drawn(config.batch_size))
+
+    return Method(label, peer=SELECTIVE_BACKPROP, scorer=scorer, loader=_selective_backprop_loader,
+                  extra_flops=lambda selector, big, _: count_flops(selector.select, big)[1],
+                  drawn=lambda config, ratio: settings.drawn(config.batch_size))
+
+
+def _selective_backprop_loader(setup: TaskSetup, method: Method, selector: SelectiveBackprop,
+                               ratio: float, seed: int, config: Config
+                               ) -> SelectiveBackpropLoader:
+    """Batches of ``b / keep`` from the pool, thinned by SelectiveBackprop."""
+    n = selector.drawn
+    dataset = open_streaming(lambda: SampleIdStreamingDataset(
+        local=str(setup.pool_dir), batch_size=n, shuffle=True, shuffle_seed=seed,
+        num_canonical_nodes=1))
+    source = SelectiveLoader(dataset, batch_size=n, super_batch_size=n, criterion='uniform',
+                             seed=seed, num_workers=config.num_workers)
+    return SelectiveBackpropLoader(source, selector, steps=config.steps, seed=seed)
+
+
+def _rs2_loader(setup: TaskSetup, method: Method, scorer: None, ratio: float, seed: int,
+                config: Config) -> RepeatedRandomSubsets:
+    """RS2 without replacement, each round a fresh ``1 - f`` of the pool."""
+    return RepeatedRandomSubsets(str(setup.pool_dir), fraction=1.0 - ratio,
+                                 batch_size=config.batch_size, seed=seed,
+                                 num_workers=config.num_workers)
+
+
+def _equal_compute_steps(config: Config, entry: dict[str, Any] | None) -> int:
+    """The steps uniform's FLOPs per step buy with the best method's FLOPs (at least the
+    budget)."""
+    matched = None if entry is None else entry.get('equal_compute')
+    return config.steps if matched is None else max(config.steps, matched['steps'])
+
+
+def _peers() -> dict[str, Method]:
+    return {
+        'rho_loss': Method('RHO-LOSS (greedy top-k learnability)', 'learnability', 'topk',
+                           peer='RHO-LOSS (Mindermann et al., 2022)'),
+        'sb_default': _selective_backprop(SelectiveBackpropSettings(),
+                                          'SelectiveBackprop, Composer defaults'),
+        'sb_suggested': _selective_backprop(SelectiveBackpropSettings(scale_factor=0.5),
+                                            'SelectiveBackprop, suggested (scale 0.5)'),
+        'rs2': Method('RS2 (repeated random subsets, w/o replacement)', peer='RS2 (Okanovic et '
+                      'al., 2023)', reads_super_batches=False, loader=_rs2_loader),
+        'uniform_compute': Method('uniform at equal compute', peer='uniform at equal compute',
+                                  reads_super_batches=False, steps=_equal_compute_steps),
+    }
+
+
+def _jest_stream_extras(task: str) -> dict[str, Method]:
+    recommended = {'recommended': Method('joint, recommended policy', 'learnability',
+                                         policy=recommended_policy)}
+    return {
+        'proxy': Method('learnability, proxy learner', 'learnability', scorer=proxy_scorer,
+                        extra_flops=_proxy_training_flops),
+        **(recommended if task == 'contrastive' else {}),
+        'adaptive': Method('learnability, adaptive pressure', 'learnability',
+                           policy=adaptive_policy, report_metric=True),
+    }
 
 
 METHODS: dict[str, dict[str, Method]] = {
@@ -159,6 +351,8 @@ METHODS: dict[str, dict[str, Method]] = {
         'hard_learner': Method('hard learner', 'hard_learner'),
         'easy_reference': Method('easy reference', 'easy_reference'),
         'learnability': Method('learnability', 'learnability'),
+        **_jest_stream_extras('classification'),
+        **_peers(),
     },
     'contrastive': {
         'uniform': Method('uniform', reads_super_batches=False),
@@ -166,6 +360,8 @@ METHODS: dict[str, dict[str, Method]] = {
         'joint': Method('joint learnability (JEST)', 'learnability', 'joint'),
         'flexi_joint': Method('joint, Flexi (low-res scoring, mixed-res training)',
                               'learnability', 'joint', flexi=True),
+        **_jest_stream_extras('contrastive'),
+        **_peers(),
     },
 }
 
@@ -179,6 +375,9 @@ class Config:
         methods (tuple[str, ...], optional): Methods to run (each task runs those it has;
             ``uniform`` is always run, it sets the target); None: all.
         ratios (tuple[float, ...]): Filter ratios, run in this order.
+        ratio_methods (tuple[tuple[float, tuple[str, ...]], ...], optional): Ratios at which
+            only some of the methods run (with ``uniform``): ``((ratio, names), ...)``;
+            methods a task lacks are skipped. Other ratios run every method.
         seeds (tuple[int, ...]): Seeds of the learners' initialisation, the data order and
             the selection; every method of a seed shares them.
         steps (int): Optimizer steps per run (the same budget for every method).
@@ -207,6 +406,7 @@ class Config:
     tasks: tuple[str, ...] = tuple(TASKS)
     methods: tuple[str, ...] | None = None
     ratios: tuple[float, ...] = (0.8, 0.9, 0.5)
+    ratio_methods: tuple[tuple[float, tuple[str, ...]], ...] | None = None
     seeds: tuple[int, ...] = (0, 1, 2)
     steps: int = 400
     eval_every: int = 20
@@ -234,10 +434,13 @@ class Config:
         """``B`` of a filter ratio."""
         return super_batch_size_for(self.batch_size, ratio)
 
-    def method_names(self, task: str) -> tuple[str, ...]:
-        """The methods run on ``task``, in registry order (``uniform`` first)."""
+    def method_names(self, task: str, ratio: float | None = None) -> tuple[str, ...]:
+        """The methods run on ``task`` (at ``ratio``; all ratios when None), in registry
+        order (``uniform`` first)."""
+        only = None if ratio is None else dict(self.ratio_methods or ()).get(ratio)
         return tuple(name for name in METHODS[task]
-                     if self.methods is None or name == 'uniform' or name in self.methods)
+                     if name == 'uniform' or ((self.methods is None or name in self.methods)
+                                              and (only is None or name in only)))
 
     def method(self, task: str, name: str) -> Method:
         """The registry entry of a method, with its selection method filled in."""
@@ -248,12 +451,15 @@ class Config:
         return method
 
     def drawn(self, method: Method, ratio: float) -> int:
-        """Examples the method reads per step: ``B``, or ``b`` for one that reads no more."""
+        """Examples the method reads per scoring step: its own number, ``B``, or ``b`` for
+        one that reads no more."""
+        if method.drawn is not None:
+            return method.drawn(self, ratio)
         return self.super_batch_size(ratio) if method.reads_super_batches else self.batch_size
 
-    def budget(self, method: Method) -> int:
-        """The method's step budget."""
-        return method.steps(self) if method.steps is not None else self.steps
+    def budget(self, method: Method, entry: dict[str, Any] | None = None) -> int:
+        """The method's step budget (``entry``: the summary of its task and ratio so far)."""
+        return method.steps(self, entry) if method.steps is not None else self.steps
 
     def checkpoints(self, steps: int | None = None) -> list[int]:
         """Steps at which accuracy is measured: 0, every ``eval_every``, and the last."""
@@ -261,6 +467,10 @@ class Config:
         return sorted({0, *range(self.eval_every, steps + 1, self.eval_every), steps})
 
 
+#: The full run: every method at f = 0.8; at 0.9 and 0.5 uniform, learnability (joint on the
+#: contrastive task) and the adaptive policy.
+FULL = Config(ratio_methods=((0.9, ('learnability', 'joint', 'adaptive')),
+                             (0.5, ('learnability', 'joint', 'adaptive'))))
 QUICK = Config(ratios=(0.8,), steps=200, eval_every=10, eval_size=2000, reference_steps=600,
                quick=True)
 
@@ -273,10 +483,10 @@ def _mixed(method: Method, config: Config) -> MixedResolution | None:
 
 
 def _scorer(setup: TaskSetup, method: Method, learner: nn.Module, reference: Any,
-            config: Config) -> Any:
+            config: Config, seed: int) -> Any:
     """The method's scorer over ``reference`` (the cache, or the live model); None if uniform."""
     if method.scorer is not None:
-        return method.scorer(setup, learner, reference, method, config)
+        return method.scorer(setup, learner, reference, method, config, seed)
     if not get_criterion(method.criterion).scores:
         return None
     return setup.task.make_scorer(learner, reference,
@@ -290,10 +500,12 @@ def selective_loader(setup: TaskSetup, method: Method, scorer: Any, ratio: float
     dataset = open_streaming(lambda: SampleIdStreamingDataset(
         local=str(setup.pool_dir), batch_size=big, shuffle=True, shuffle_seed=seed,
         num_canonical_nodes=1))
+    temperature = config.temperature if method.temperature is None else method.temperature
     return SelectiveLoader(dataset, batch_size=config.batch_size, super_batch_size=big,
                            scorer=scorer, criterion=method.criterion, method=method.selection,
-                           n_chunks=config.n_chunks, temperature=config.temperature, seed=seed,
-                           num_workers=config.num_workers, batch_transform=_mixed(method, config))
+                           n_chunks=config.n_chunks, temperature=temperature, seed=seed,
+                           num_workers=config.num_workers, batch_transform=_mixed(method, config),
+                           policy=method.policy(config, ratio) if method.policy else None)
 
 
 def configuration_flops(setup: TaskSetup, name: str, ratio: float, config: Config
@@ -303,9 +515,12 @@ def configuration_flops(setup: TaskSetup, name: str, ratio: float, config: Confi
     Returns:
         dict: ``train`` (forward and backward of a sub-batch, at mixed resolution for
         Flexi), ``score`` (the scorer over the super-batch, reading the stored reference
-        outputs), ``select`` (scores and sampler), ``extra`` (work the method adds, e.g. a
-        proxy's training), ``per_step`` (their sum), ``reference_forward`` (what a live
-        reference adds to scoring) and ``per_step_live_reference``.
+        outputs), ``select`` (scores and sampler), ``extra`` (work the method adds: a proxy
+        learner's training, SelectiveBackprop's selecting forward), ``per_step`` (their sum:
+        a step that scores all it reads), ``scoring`` (``per_step - train``: what a step pays
+        in proportion to the candidates it scores), ``reference_forward`` (what a live
+        reference adds to scoring) and ``per_step_live_reference``; ``drawn``: the examples
+        a scoring step reads; ``proxy_parameters`` for a proxy scorer.
     """
     method = config.method(setup.task.name, name)
     big = config.drawn(method, ratio)
@@ -314,15 +529,15 @@ def configuration_flops(setup: TaskSetup, name: str, ratio: float, config: Confi
     sub_batch = {key: value[:config.batch_size] for key, value in super_batch.items()}
     mixed = _mixed(method, config)
     counts = {'train': train_step_flops(learner, mixed(sub_batch) if mixed else sub_batch,
-                                        setup.task.loss)}
+                                        setup.task.loss), 'drawn': big}
     criterion = get_criterion(method.criterion)
     ids = torch.arange(big)
-    scorer = _scorer(setup, method, learner, setup.cache, config)
+    scorer = _scorer(setup, method, learner, setup.cache, config, 0)
     scores, counts['score'], live = None, 0, 0
-    if scorer is not None:
+    if criterion.scores:
         scores, counts['score'] = count_flops(scorer, super_batch, ids, criterion)
-        live = score_flops(_scorer(setup, method, learner, setup.reference, config), super_batch,
-                           criterion=criterion, sample_ids=ids)
+        live = score_flops(_scorer(setup, method, learner, setup.reference, config, 0),
+                           super_batch, criterion=criterion, sample_ids=ids)
     counts['select'] = count_flops(
         get_selection_method(method.selection), scores, big, config.batch_size,
         n_chunks=config.n_chunks, temperature=config.temperature,
@@ -330,99 +545,152 @@ def configuration_flops(setup: TaskSetup, name: str, ratio: float, config: Confi
     counts['extra'] = (method.extra_flops(scorer, super_batch, sub_batch)
                        if method.extra_flops is not None else 0)
     counts['per_step'] = counts['train'] + counts['score'] + counts['select'] + counts['extra']
-    counts['reference_forward'] = live - counts['score'] if scorer is not None else 0
+    counts['scoring'] = counts['per_step'] - counts['train']
+    counts['reference_forward'] = live - counts['score'] if criterion.scores else 0
     counts['per_step_live_reference'] = counts['per_step'] + counts['reference_forward']
+    if isinstance(scorer, ProxyScorer):
+        counts['proxy_parameters'] = count_parameters(scorer.proxy)
     return counts
 
 
+def _checkpoint_hook(setup: TaskSetup, method: Method, loader: Any, validation: list[float]
+                     ) -> Callable[[int, nn.Module], None]:
+    """After each evaluation: the held-out metric, reported to the policy when asked."""
+    def on_checkpoint(step: int, learner: nn.Module) -> None:
+        value = setup.validate(learner)
+        validation.append(value)
+        loader.report_metric(value)
+
+    return on_checkpoint
+
+
 def run_one(setup: TaskSetup, name: str, ratio: float, seed: int, config: Config, *,
-            progress: bool = True) -> dict[str, Any]:
+            entry: dict[str, Any] | None = None, progress: bool = True) -> dict[str, Any]:
     """Train a fresh learner on the sub-batches method ``name`` selects.
 
+    Args:
+        entry (dict, optional): The summary of the task and ratio so far, for a method
+            whose budget depends on the others' (``Method.steps``).
+
     Returns:
-        dict: ``task``, ``method``, ``ratio``, ``seed`` and what
+        dict: ``task``, ``method``, ``ratio``, ``seed``, ``policy`` (its repr, or None),
+        ``validation`` (the held-out metric reported at each checkpoint after the first,
+        for a method that reports it) and what
         :func:`benchmarks.common.training.train_selective` measured: ``steps``,
-        ``accuracy`` and ``seconds`` per checkpoint, ``noisy_fraction``,
-        ``noisy_fraction_overall``, ``train_seconds``, ``seconds_per_step``, ``step_costs``.
+        ``accuracy``, ``seconds`` and ``scored`` per checkpoint, ``pressure`` and
+        ``learnability`` per interval, ``noisy_fraction``, ``noisy_fraction_overall``,
+        ``train_seconds``, ``seconds_per_step``, ``step_costs``, ``drawn_per_step``.
     """
     task = setup.task.name
     method = config.method(task, name)
     learner = setup.task.make_learner(seed)
     optimizer = torch.optim.Adam(learner.parameters(), lr=config.lr)
-    scorer = _scorer(setup, method, learner, setup.cache, config)
+    scorer = _scorer(setup, method, learner, setup.cache, config, seed)
     make_loader = method.loader if method.loader is not None else selective_loader
     loader = make_loader(setup, method, scorer, ratio, seed, config)
-    steps = config.budget(method)
+    steps = config.budget(method, entry)
+    validation: list[float] = []
     measured = train_selective(
         learner, loader, steps=steps, loss_fn=setup.task.loss, optimizer=optimizer,
         checkpoints=config.checkpoints(steps), evaluate=setup.evaluate,
         noisy_key=setup.task.noisy_key,
         after_step=(functools.partial(method.after_step, scorer)
                     if method.after_step is not None else None),
+        on_checkpoint=(_checkpoint_hook(setup, method, loader, validation)
+                       if method.report_metric else None),
         desc=f'{task[:5]} f={ratio} {name} s{seed}', progress=progress)
+    policy = getattr(loader, 'policy', None)
+    close = getattr(loader, 'close', None)
+    if close is not None:
+        close()
     # A StreamingDataset holds shared memory until it is collected: release it before the
     # next run opens the same pool.
     del loader, scorer
     gc.collect()
-    return {'task': task, 'method': name, 'ratio': ratio, 'seed': seed, **measured}
+    return {'task': task, 'method': name, 'ratio': ratio, 'seed': seed,
+            'policy': None if policy is None or policy.is_default else repr(policy),
+            'validation': validation, **measured}
 
 
 # Summaries
 
 
-def _to_target(run: dict[str, Any], target: float) -> tuple[int, float] | None:
-    """Steps and seconds at which a run's curve first reaches ``target``."""
-    reached = stats.first_reach(run['steps'], run['accuracy'], target)
-    if reached is None:
-        return None
-    return reached, run['seconds'][run['steps'].index(reached)]
+def flops_curve(run: dict[str, Any], costs: dict[str, int], *, live: bool = False
+                ) -> np.ndarray:
+    """FLOPs spent by each checkpoint of a run: every step trains, and pays the scoring
+    part of its step (scoring, selection, extra work) in proportion to the candidates it
+    scored (all ``drawn`` at full pressure, fewer under a policy, none at pressure 0).
+
+    Args:
+        run (dict): A run record (``steps`` and ``scored`` per checkpoint).
+        costs (dict): The method's :func:`configuration_flops`.
+        live (bool): Count a live reference forward too.
+
+    Returns:
+        np.ndarray: float64 FLOPs per checkpoint.
+    """
+    steps = np.asarray(run['steps'], dtype=np.float64)
+    scored = np.asarray(run['scored'], dtype=np.float64) / costs['drawn']
+    scoring = costs['scoring'] + (costs['reference_forward'] if live else 0)
+    return steps * costs['train'] + scored * scoring
 
 
-def _speedups(reached: tuple[int, float] | None, per_step: float, baseline: dict[str, float]
-              ) -> dict[str, float | None]:
-    """Steps, FLOPs and seconds to the target, and the three speed-ups against uniform."""
-    if reached is None:
+def _speedups(index: int | None, steps: Sequence[int], flops: Sequence[float],
+              seconds: Sequence[float], baseline: dict[str, float]) -> dict[str, float | None]:
+    """Steps, FLOPs and seconds to the target (first reached at checkpoint ``index``), and
+    the three speed-ups against uniform's whole budget."""
+    if index is None:
         return dict.fromkeys(('steps_to_target', 'flops_to_target', 'seconds_to_target',
                               'speedup_steps', 'speedup_flops', 'speedup_wall'))
-    steps, seconds = reached
-    return {'steps_to_target': steps, 'flops_to_target': steps * per_step,
-            'seconds_to_target': seconds,
-            'speedup_steps': baseline['steps'] / steps,
-            'speedup_flops': baseline['flops'] / (steps * per_step),
-            'speedup_wall': baseline['seconds'] / seconds if seconds > 0 else None}
+    step, flop, second = steps[index], float(flops[index]), float(seconds[index])
+    return {'steps_to_target': step, 'flops_to_target': flop, 'seconds_to_target': second,
+            'speedup_steps': baseline['steps'] / step,
+            'speedup_flops': baseline['flops'] / flop if flop > 0 else None,
+            'speedup_wall': baseline['seconds'] / second if second > 0 else None}
+
+
+def _reach_index(steps: Sequence[int], curve: Sequence[float], target: float) -> int | None:
+    reached = stats.first_reach(steps, curve, target)
+    return None if reached is None else list(steps).index(reached)
 
 
 def _summarise_method(mine: list[dict[str, Any]], uniform: dict[int, dict[str, Any]],
                       costs: dict[str, int], uniform_costs: dict[str, int], budget: int
                       ) -> dict[str, Any]:
     steps = mine[0]['steps']
+    mine = [r for r in mine if r['steps'] == steps]
     curves = np.asarray([r['accuracy'] for r in mine])
     seconds = np.asarray([r['seconds'] for r in mine]).mean(0)
+    flops = np.asarray([flops_curve(r, costs) for r in mine]).mean(0)
+    live = np.asarray([flops_curve(r, costs, live=True) for r in mine]).mean(0)
     std = curves.std(0, ddof=1) if len(mine) > 1 else np.zeros(len(steps))
     mean = curves.mean(0)
     target = float(np.mean([u['accuracy'][-1] for u in uniform.values()]))
     baseline = {'steps': budget, 'flops': budget * uniform_costs['per_step'],
                 'seconds': float(np.mean([u['train_seconds'] for u in uniform.values()]))}
-    reached = stats.first_reach(steps, mean, target)
-    on_mean = _speedups(None if reached is None else (reached, seconds[steps.index(reached)]),
-                        costs['per_step'], baseline)
-    live = (baseline['flops'] / (reached * costs['per_step_live_reference'])
-            if reached is not None else None)
+    index = _reach_index(steps, mean, target)
+    on_mean = _speedups(index, steps, flops, seconds, baseline)
     per_seed = {}
     for run in mine:
         own = uniform[run['seed']]
-        per_seed[str(run['seed'])] = {'target_accuracy': own['accuracy'][-1], **_speedups(
-            _to_target(run, own['accuracy'][-1]), costs['per_step'],
-            {**baseline, 'seconds': own['train_seconds']})}
+        own_target = own['accuracy'][-1]
+        per_seed[str(run['seed'])] = {'target_accuracy': own_target, **_speedups(
+            _reach_index(steps, run['accuracy'], own_target), steps, flops_curve(run, costs),
+            run['seconds'], {**baseline, 'seconds': own['train_seconds']})}
+    finals = curves[:, -1]
     return {
         'seeds': [r['seed'] for r in mine], 'steps': steps,
         'accuracy_mean': mean.tolist(), 'accuracy_std': std.tolist(),
-        'seconds_mean': seconds.tolist(),
+        'seconds_mean': seconds.tolist(), 'flops_mean': flops.tolist(),
         'final_accuracy_mean': float(mean[-1]), 'final_accuracy_std': float(std[-1]),
-        **on_mean, 'first_checkpoint': reached is not None and reached == steps[1],
-        'speedup_flops_live_reference': live,
+        'final_below_uniform': sum(int(final < uniform[r['seed']]['accuracy'][-1])
+                                   for final, r in zip(finals, mine, strict=True)),
+        **on_mean, 'first_checkpoint': index == 1,
+        'speedup_flops_live_reference': (baseline['flops'] / float(live[index])
+                                         if index is not None and live[index] > 0 else None),
         'flops_per_step': costs['per_step'],
         'flops_per_step_live_reference': costs['per_step_live_reference'],
+        'flops_total': float(flops[-1]),
         'per_seed': per_seed,
         'per_seed_speedups': {key: stats.summary([s[f'speedup_{key}'] for s in per_seed.values()])
                               for key in ('steps', 'flops', 'wall')},
@@ -431,7 +699,37 @@ def _summarise_method(mine: list[dict[str, Any]], uniform: dict[int, dict[str, A
         'seconds_per_step_mean': float(np.mean([r['seconds_per_step'] for r in mine])),
         'drawn_per_step': float(np.mean([r['drawn_per_step'] for r in mine])),
         'noisy_fraction_mean': float(np.mean([r['noisy_fraction_overall'] for r in mine])),
+        'pressure_mean': _mean_curve([r['pressure'] for r in mine]),
     }
+
+
+def _mean_curve(curves: list[list[float | None]]) -> list[float | None]:
+    """Mean over runs, point by point, of curves with gaps (None)."""
+    out: list[float | None] = []
+    for values in zip(*curves, strict=True):
+        present = [v for v in values if v is not None]
+        out.append(float(np.mean(present)) if present else None)
+    return out
+
+
+def equal_compute(task: str, methods: dict[str, Any], budget: int) -> dict[str, Any] | None:
+    """What uniform at equal compute is given: the FLOPs that the best of jest_stream's
+    selection methods (highest final accuracy) spends to its final step, scoring included,
+    in uniform steps.
+
+    Returns:
+        dict | None: ``method``, ``flops`` and ``steps`` (at least the budget); None before
+        any selection method has finished.
+    """
+    ours = {name: m for name, m in methods.items()
+            if METHODS[task].get(name) is not None and METHODS[task][name].peer is None
+            and METHODS[task][name].criterion != 'uniform'}
+    if not ours or 'uniform' not in methods:
+        return None
+    best = max(ours, key=lambda name: ours[name]['final_accuracy_mean'])
+    total = ours[best]['flops_total']
+    return {'method': best, 'flops': total,
+            'steps': max(budget, math.ceil(total / methods['uniform']['flops_per_step']))}
 
 
 def summarise(runs: list[dict[str, Any]], flops: dict[str, Any], config: Config
@@ -455,15 +753,16 @@ def summarise(runs: list[dict[str, Any]], flops: dict[str, Any], config: Config
                 continue
             costs = flops[task][str(ratio)]
             methods = {}
-            for name in config.method_names(task):
+            for name in config.method_names(task, ratio):
                 mine = [r for r in group if r['method'] == name and r['seed'] in uniform]
-                if mine:
+                if mine and name in costs:
                     methods[name] = _summarise_method(mine, uniform, costs[name],
                                                       costs['uniform'], config.steps)
             out.setdefault(task, {})[str(ratio)] = {
                 'target_accuracy': float(np.mean([u['accuracy'][-1] for u in uniform.values()])),
                 'budget_steps': config.steps, 'super_batch_size': config.super_batch_size(ratio),
                 'uniform_first_reach_steps': methods['uniform']['steps_to_target'],
+                'equal_compute': equal_compute(task, methods, config.steps),
                 'methods': methods}
     return out
 
@@ -494,14 +793,16 @@ def format_table(results: dict[str, Any]) -> str:
                 f'uniform final {entry["target_accuracy"]:.4f} at {entry["budget_steps"]} '
                 f'steps, {uniform["seconds_mean"][-1]:.1f} s of training; reference '
                 f'{results["tasks"][task]["reference_accuracy"]:.4f}')
-            lines.append(f'  {"method":<15} {"final acc":>15} {"steps→":>6} '
+            lines.append(f'  {"method":<16} {"final acc":>15} {"steps→":>6} '
                          f'{"speed-up: steps [per seed]":>27} {"FLOPs [per seed]":>25} '
                          f'{"wall [per seed]":>25} | ms/step: {"train":>6} {"score":>6} '
                          f'{"select":>6} {"wait":>6} {"other":>6} | {"read":>4} {"noisy":>5}')
             for name, m in entry['methods'].items():
                 cost = m['step_costs']
+                peer = results['methods'][task][name].get('peer')
                 lines.append(
-                    f'  {name:<15} {m["final_accuracy_mean"]:.4f}±{m["final_accuracy_std"]:.4f}'
+                    f'  {name + ("*" if peer else ""):<16} '
+                    f'{m["final_accuracy_mean"]:.4f}±{m["final_accuracy_std"]:.4f}'
                     f' {_cell(m["steps_to_target"], "d"):>6} '
                     f'{_speedup_cell(m, "steps", name == "uniform"):>27} '
                     f'{_speedup_cell(m, "flops", name == "uniform"):>25} '
@@ -510,17 +811,28 @@ def format_table(results: dict[str, Any]) -> str:
                     f'{1e3 * cost["select_s"]:6.1f} {1e3 * cost["wait_s"]:6.1f} '
                     f'{1e3 * (cost["other_s"] + cost["transfer_s"]):6.1f} | '
                     f'{m["drawn_per_step"]:4.0f} {m["noisy_fraction_mean"]:5.3f}')
+            matched = entry.get('equal_compute')
+            if matched is not None and 'uniform_compute' in entry['methods']:
+                lines.append(f'  uniform at equal compute: {matched["steps"]} uniform steps, the '
+                             f'{matched["flops"] / 1e12:.3f} TFLOPs that {matched["method"]} '
+                             f'spends in {entry["budget_steps"]} steps')
             lines.append('')
+    peers = {name: m['peer'] for by_name in results['methods'].values()
+             for name, m in by_name.items() if m.get('peer')}
+    if peers:
+        lines.append('*: peers, ' + '; '.join(f'{name} = {peer}' for name, peer in peers.items())
+                     + '.')
     lines.append(
         'steps→: first checkpoint where the mean curve over seeds reaches the target (n/r: not '
         'reached within the budget). Speed-ups to the target, uniform = 1: steps (budget / '
-        'steps), FLOPs (training + scoring with stored reference outputs + selection), wall '
-        '(training seconds, evaluation excluded), on the mean curve, then [mean±std over the '
-        'seeds that reach their own uniform final, count/seeds]. ms/step: the trainer\'s '
-        'forward, backward and optimizer step; the loader\'s scoring, selection and wait for '
-        'data; other: transfer and hand-over. read: examples read per step (uniform reads only '
-        'what it trains on). noisy: corrupted labels / mismatched captions among the examples '
-        'trained on.')
+        'steps), FLOPs (training + scoring with stored reference outputs + selection + extra '
+        'work, in proportion to the candidates each step scored), wall (training seconds, '
+        'evaluation excluded), on the mean curve, then [mean±std over the seeds that reach '
+        'their own uniform final, count/seeds]. ms/step: the trainer\'s forward, backward and '
+        'optimizer step; the loader\'s scoring (a proxy\'s training included), selection and '
+        'wait for data; other: transfer and hand-over. read: examples read per step (uniform '
+        'reads only what it trains on). noisy: corrupted labels / mismatched captions among '
+        'the examples trained on.')
     return '\n'.join(lines)
 
 
@@ -541,7 +853,7 @@ def format_verdicts(results: dict[str, Any]) -> list[str]:
                 step = 1e3 * m['seconds_per_step_mean']
                 if m['speedup_steps'] is None:
                     reached = (f'did not reach uniform\'s final accuracy '
-                               f'{entry["target_accuracy"]:.4f} in {entry["budget_steps"]} steps')
+                               f'{entry["target_accuracy"]:.4f} in {m["steps"][-1]} steps')
                 else:
                     wall = m['speedup_wall']
                     reached = (
@@ -560,6 +872,8 @@ def format_verdicts(results: dict[str, Any]) -> list[str]:
 
 def _legend(results: dict[str, Any], m: dict[str, Any], task: str, name: str) -> str:
     label = results['methods'][task][name]['label']
+    if results['methods'][task][name].get('peer'):
+        label = f'[peer] {label}'
     if name == 'uniform':
         return label
     speedups = ', '.join(f'{_cell(m[f"speedup_{key}"], ".2f")}'
@@ -569,43 +883,50 @@ def _legend(results: dict[str, Any], m: dict[str, Any], task: str, name: str) ->
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
-    """Accuracy against steps, FLOPs and seconds: one row per task and ratio, three columns."""
+    """Accuracy against steps, FLOPs and seconds: one row per task and ratio, three columns.
+
+    jest_stream's methods are solid lines, peers dashed; the legend gives each method's
+    three speed-ups."""
     plt = report.pyplot()
     rows = [(task, ratio) for task, by_ratio in results['summary'].items()
             for ratio in sorted(by_ratio, key=float)]
     if not rows:
         return
-    fig, axes = plt.subplots(len(rows), 3, figsize=(16, 4.2 * len(rows)), squeeze=False)
+    fig, axes = plt.subplots(len(rows), 3, figsize=(18, 5.0 * len(rows)), squeeze=False)
     views = (('steps', 'optimizer step', 'steps'),
              ('flops', 'TFLOPs (stored reference outputs)', 'FLOPs'),
              ('seconds', 'training seconds (evaluation excluded)', 'seconds'))
     for row, (task, ratio) in enumerate(rows):
         entry = results['summary'][task][ratio]
+        budget = entry['budget_steps']
         low = min(min(m['accuracy_mean'][1:]) for m in entry['methods'].values())
         for col, (view, xlabel, what) in enumerate(views):
             ax = axes[row][col]
             for name, m in entry['methods'].items():
-                steps = np.asarray(m['steps'], dtype=np.float64)
-                x = {'steps': steps, 'flops': steps * m['flops_per_step'] / 1e12,
+                x = {'steps': np.asarray(m['steps'], dtype=np.float64),
+                     'flops': np.asarray(m['flops_mean']) / 1e12,
                      'seconds': np.asarray(m['seconds_mean'])}[view]
                 mean, std = np.asarray(m['accuracy_mean']), np.asarray(m['accuracy_std'])
-                ax.plot(x, mean, color=COLOURS.get(name), lw=1.5, label=_legend(results, m, task,
-                                                                               name))
-                ax.fill_between(x, mean - std, mean + std, color=COLOURS.get(name), alpha=0.15)
+                peer = results['methods'][task][name].get('peer')
+                ax.plot(x, mean, color=COLOURS.get(name), lw=1.2, ls='--' if peer else '-',
+                        label=_legend(results, m, task, name))
+                ax.fill_between(x, mean - std, mean + std, color=COLOURS.get(name), alpha=0.1)
             ax.axhline(entry['target_accuracy'], color='k', ls=':', lw=1,
                        label='target: uniform final')
-            ax.axhline(results['tasks'][task]['reference_accuracy'], color='tab:olive', ls='--',
+            ax.axhline(results['tasks'][task]['reference_accuracy'], color='tab:olive', ls='-.',
                        lw=1, label='reference (clean split)')
+            if view == 'steps':
+                ax.set_xlim(0, budget * 1.02)
             ax.set(xlabel=xlabel, ylabel=TASKS[task].metric, ylim=(max(0.0, low - 0.05), None),
                    title=f'{task}, f={ratio}, B={entry["super_batch_size"]}: to target in {what}')
             ax.grid(alpha=0.3)
             if col == 0:
-                ax.legend(fontsize=7, loc='lower right')
+                ax.legend(fontsize=6, loc='lower right')
     fig.suptitle(f'Fashion-MNIST, {results["config"]["noise_rate"]:.0%} noisy labels / '
                  f'mismatched captions, sub-batch {results["config"]["batch_size"]}; mean ± std '
-                 f'over seeds; speed-up = uniform\'s cost to its final accuracy / the method\'s',
-                 fontsize=9)
-    report.save_figure(fig, path, dpi=100)
+                 f'over seeds; speed-up = uniform\'s cost to its final accuracy / the method\'s; '
+                 f'dashed: peers (uniform at equal compute runs past the budget)', fontsize=9)
+    report.save_figure(fig, path, dpi=90)
 
 
 # Driver
@@ -629,27 +950,54 @@ def _prepare_tasks(config: Config, progress: bool) -> tuple[dict[str, TaskSetup]
     return setups, len(eval_rows)
 
 
+_SELECTION_OF_METHODS = ('methods', 'ratio_methods')
+
+
 def _previous_runs(json_path: Path, config: Config, say: Callable[[str], None]
                    ) -> tuple[list[dict[str, Any]], float]:
     if not json_path.is_file():
         return [], 0.0
     old = json.loads(json_path.read_text())
-    if old.get('schema') == SCHEMA and old.get('config') == json.loads(json.dumps(asdict(config))):
-        say(f'resuming: {len(old["runs"])} finished runs kept from {json_path}')
-        return old['runs'], float(old.get('wall_seconds', 0.0))
+    # A run does not depend on which other methods run, so a resume may run fewer or more
+    # (uniform at equal compute reads the others' summary when it runs, after them).
+    # As written: paths inside the repository are stored relative to it.
+    mine = json.loads(json.dumps(report.repo_relative(asdict(config))))
+    same = {key: value for key, value in mine.items() if key not in _SELECTION_OF_METHODS}
+    theirs = {key: value for key, value in old.get('config', {}).items()
+              if key not in _SELECTION_OF_METHODS}
+    if old.get('schema') == SCHEMA and theirs == same:
+        kept = [r for r in old['runs'] if (r['task'], r['ratio'], r['seed'], r['method'])
+                in set(run_order(config))]
+        say(f'resuming: {len(kept)} finished runs kept from {json_path}')
+        return kept, float(old.get('wall_seconds', 0.0))
     say(f'{json_path} holds another configuration: starting afresh')
     return [], 0.0
 
 
+def run_order(config: Config) -> list[tuple[str, float, int, str]]:
+    """``(task, ratio, seed, method)`` of every run, in order: ratio by ratio, task by task,
+    seed by seed; a method whose budget depends on the others' (``Method.steps``) runs after
+    every seed of them."""
+    order = []
+    for ratio in config.ratios:
+        for task in config.tasks:
+            names = config.method_names(task, ratio)
+            first = [m for m in names if METHODS[task][m].steps is None]
+            last = [m for m in names if METHODS[task][m].steps is not None]
+            for group in (first, last):
+                order += [(task, ratio, seed, m) for seed in config.seeds for m in group]
+    return order
+
+
 def describe(config: Config) -> str:
     """What a run of ``config`` will do, in a few lines."""
-    runs = sum(len(config.method_names(t)) for t in config.tasks) * len(config.ratios) \
-        * len(config.seeds)
-    methods = '; '.join(f'{t}: {", ".join(config.method_names(t))}' for t in config.tasks)
+    runs = len(run_order(config))
+    methods = '; '.join(f'{t} at f={r}: {", ".join(config.method_names(t, r))}'
+                        for r in config.ratios for t in config.tasks)
     return (f'{runs} training runs of {config.steps} steps (sub-batches of {config.batch_size}; '
-            f'filter ratios {", ".join(map(str, config.ratios))}; seeds '
-            f'{", ".join(map(str, config.seeds))}; {methods}; uniform reads only the examples it '
-            f'trains on, the others read the whole super-batch). First: the Fashion-MNIST pool '
+            f'seeds {", ".join(map(str, config.seeds))}; {methods}; uniform at equal compute '
+            f'runs longer, after the others; uniform reads only the examples it trains on, the '
+            f'others read the whole super-batch). First: the Fashion-MNIST pool '
             f'as MDS shards (built once), a reference per task trained on the clean split, '
             f'and its outputs over the pool stored with jest_stream.annotate into a reference '
             f'cache that the scorers read.')
@@ -683,7 +1031,7 @@ def run_benchmark(config: Config, out: Path, *, name: str = 'learning_efficiency
     previous, earlier_seconds = _previous_runs(json_path, config, say) if resume else ([], 0.0)
     setups, n_eval = _prepare_tasks(config, progress)
     flops = {task: {str(ratio): {m: configuration_flops(setups[task], m, ratio, config)
-                                 for m in config.method_names(task)}
+                                 for m in config.method_names(task, ratio)}
                     for ratio in config.ratios} for task in config.tasks}
     record: dict[str, Any] = {
         'schema': SCHEMA, 'config': asdict(config),
@@ -696,20 +1044,23 @@ def run_benchmark(config: Config, out: Path, *, name: str = 'learning_efficiency
         'setup_seconds': time.perf_counter() - run['_started'],
     }
     say(f'set-up (data, references, reference caches, FLOPs): {record["setup_seconds"]:.0f} s')
+    record['summary'] = summarise(record['runs'], flops, config)
 
     def save() -> None:
         record['summary'] = summarise(record['runs'], flops, config)
+        record['tasks'] = {task: {**record['tasks'][task], 'proxy_parameters': {
+            str(r): flops[task][str(r)]['proxy'].get('proxy_parameters')
+            for r in config.ratios if 'proxy' in flops[task][str(r)]}} for task in config.tasks}
         record['run'] = report.finish_run(run)
         # Over every invocation that contributed runs (a resumed run adds its time).
         record['wall_seconds'] = record['run']['wall_s'] + earlier_seconds
         report.write_record(json_path, record)
 
     done = {(r['task'], r['ratio'], r['seed'], r['method']) for r in previous}
-    todo = [(task, ratio, seed, m) for ratio in config.ratios for task in config.tasks
-            for seed in config.seeds for m in config.method_names(task)
-            if (task, ratio, seed, m) not in done]
+    todo = [run for run in run_order(config) if run not in done]
     for i, (task, ratio, seed, m) in enumerate(todo, 1):
-        result = run_one(setups[task], m, ratio, seed, config, progress=progress)
+        entry = record.get('summary', {}).get(task, {}).get(str(ratio))
+        result = run_one(setups[task], m, ratio, seed, config, entry=entry, progress=progress)
         record['runs'].append(result)
         save()
         cost = {k: 1e3 * v for k, v in result['step_costs'].items()}
@@ -749,6 +1100,9 @@ def build_parser(name: str, preset: Config, quick: Config, description: str
                              f'{" ".join(preset.methods) if preset.methods else "all"})')
     parser.add_argument('--ratios', type=float, nargs='+', default=None,
                         help=f'filter ratios (default {" ".join(map(str, preset.ratios))})')
+    parser.add_argument('--every-method', action='store_true',
+                        help='run every method at every ratio (the full run runs only uniform, '
+                             'learnability/joint and the adaptive policy at 0.9 and 0.5)')
     parser.add_argument('--steps', type=int, default=None, help='optimizer steps per run')
     parser.add_argument('--eval-every', type=int, default=None)
     parser.add_argument('--eval-size', type=int, default=None,
@@ -780,7 +1134,7 @@ def parse_args(argv: Sequence[str] | None = None, *, name: str = 'learning_effic
                description: str = __doc__.split('\n\n')[0]
                ) -> tuple[Config, argparse.Namespace]:
     """The configuration and the other arguments (``out``, ``resume``, ``replot``...)."""
-    preset = Config() if preset is None else preset
+    preset = FULL if preset is None else preset
     parser = build_parser(name, preset, quick, description)
     args = parser.parse_args(argv)
     base = quick if args.quick else preset
@@ -795,6 +1149,8 @@ def parse_args(argv: Sequence[str] | None = None, *, name: str = 'learning_effic
         'data_dir': str(args.data_dir) if args.data_dir else None,
     }
     config = replace(base, **{k: v for k, v in overrides.items() if v is not None})
+    if args.every_method:
+        config = replace(config, ratio_methods=None)
     if config.steps <= 0 or config.eval_every <= 0:
         parser.error('--steps and --eval-every must be positive')
     known = {m for t in config.tasks for m in METHODS[t]}

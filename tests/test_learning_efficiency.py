@@ -30,18 +30,36 @@ from benchmarks.common.data import (
     batch_logits,
     read_columns,
     source_dir,
+    to_float_images,
 )
-from benchmarks.common.models import make_classifier, make_two_tower, sigmoid_loss
+from benchmarks.common.models import (
+    count_parameters,
+    make_classifier,
+    make_proxy_classifier,
+    make_proxy_two_tower,
+    make_two_tower,
+    sigmoid_loss,
+)
+from benchmarks.common.peers import (
+    RepeatedRandomSubsets,
+    SelectiveBackprop,
+    SelectiveBackpropSettings,
+)
 from benchmarks.common.training import train_on_arrays, zero_shot_accuracy
 from benchmarks.learning_efficiency import (
+    FULL,
     METHODS,
     Config,
     Method,
+    adaptive_policy,
     parse_args,
+    recommended_policy,
     run_benchmark,
     summarise,
 )
 from jest_stream import ReferenceCache, train_step_flops
+from jest_stream.policies import Progress
+from tests.helpers.data import write_mds
 
 
 @pytest.fixture(autouse=True)
@@ -133,10 +151,15 @@ def test_training_on_arrays_lowers_the_loss_and_refuses_ragged_columns() -> None
                         batch_size=4, lr=1e-2, seed=0)
 
 
-def _run(method: str, seed: int, accuracy: list[float], seconds: list[float]) -> dict:
+def _run(method: str, seed: int, accuracy: list[float], seconds: list[float],
+         scored: list[int] | None = None) -> dict:
+    steps = [0, 10, 20, 30, 40]
+    if scored is None:
+        scored = [0] * 5 if method == 'uniform' else [160 * s for s in steps]
     return {'task': 'classification', 'method': method, 'ratio': 0.8, 'seed': seed,
-            'steps': [0, 10, 20, 30, 40], 'accuracy': accuracy, 'seconds': seconds,
-            'train_seconds': seconds[-1], 'seconds_per_step': seconds[-1] / 40,
+            'steps': steps, 'accuracy': accuracy, 'seconds': seconds, 'scored': scored,
+            'pressure': [None] * 4, 'train_seconds': seconds[-1],
+            'seconds_per_step': seconds[-1] / 40,
             'drawn_per_step': 32 if method == 'uniform' else 160,
             'noisy_fraction_overall': 0.1,
             'step_costs': {key: 0.001 for key in ('train_s', 'score_s', 'select_s', 'wait_s',
@@ -152,11 +175,17 @@ def test_summary_counts_steps_flops_and_seconds_to_uniform_final_accuracy() -> N
             _run('uniform', 1, [0.1, 0.3, 0.4, 0.5, 0.6], uniform_seconds),
             _run('learnability', 0, [0.1, 0.5, 0.6, 0.7, 0.7], learn_seconds),
             _run('learnability', 1, [0.1, 0.4, 0.55, 0.7, 0.7], learn_seconds),
-            _run('hard_learner', 0, [0.1, 0.2, 0.2, 0.2, 0.2], learn_seconds)]
-    per_step = {'uniform': 100, 'learnability': 300, 'hard_learner': 300, 'easy_reference': 100}
+            _run('hard_learner', 0, [0.1, 0.2, 0.2, 0.2, 0.2], learn_seconds),
+            # A policy that stops scoring after step 20 (pressure 0 in the last two intervals).
+            _run('adaptive', 0, [0.1, 0.45, 0.55, 0.6, 0.65], learn_seconds,
+                 scored=[0, 1600, 3200, 3200, 3200])]
+    per_step = {'uniform': 100, 'learnability': 300, 'hard_learner': 300, 'easy_reference': 100,
+                'adaptive': 300}
     # A live reference forward costs 300 FLOPs per step to the scored methods.
     flops = {'classification': {'0.8': {
-        name: {'per_step': value, 'per_step_live_reference': value + 300 * (name != 'uniform')}
+        name: {'train': 100, 'scoring': value - 100, 'drawn': 160, 'per_step': value,
+               'reference_forward': 300 * (name != 'uniform'),
+               'per_step_live_reference': value + 300 * (name != 'uniform')}
         for name, value in per_step.items()}}}
     entry = summarise(runs, flops, config)['classification']['0.8']
     assert entry['target_accuracy'] == pytest.approx(0.6)
@@ -180,6 +209,16 @@ def test_summary_counts_steps_flops_and_seconds_to_uniform_final_accuracy() -> N
     assert hard['steps_to_target'] is None and hard['speedup_wall'] is None
     assert hard['seeds'] == [0] and hard['per_seed_speedups']['steps']['n'] == 0
     assert 'easy_reference' not in entry['methods']
+    # A step pays for scoring in proportion to the candidates it scored.
+    annealed = entry['methods']['adaptive']
+    assert annealed['steps_to_target'] == 30
+    assert annealed['flops_to_target'] == pytest.approx(30 * 100 + 20 * 200)
+    assert annealed['flops_total'] == pytest.approx(40 * 100 + 20 * 200)
+    assert learn['flops_total'] == pytest.approx(40 * 300)
+    assert learn['final_below_uniform'] == 0 and hard['final_below_uniform'] == 1
+    # Uniform at equal compute gets the FLOPs of the best of jest_stream's methods.
+    assert entry['equal_compute'] == {'method': 'learnability', 'flops': 40 * 300,
+                                      'steps': 120}
 
 
 def test_presets_share_the_benchmark_and_its_options() -> None:
@@ -191,6 +230,99 @@ def test_presets_share_the_benchmark_and_its_options() -> None:
     assert quick.quick and quick.seeds == (0,)
     with pytest.raises(SystemExit):
         parse_args(['--methods', 'joint'], preset=demo.DEMO)
+    # The full run: every method at 0.8, the policies and learnability at 0.9 and 0.5.
+    full, _ = parse_args([])
+    assert full == FULL and full.method_names('contrastive', 0.8) == tuple(METHODS['contrastive'])
+    assert full.method_names('contrastive', 0.9) == ('uniform', 'joint', 'adaptive')
+    assert full.method_names('classification', 0.5) == ('uniform', 'learnability', 'adaptive')
+    every, _ = parse_args(['--every-method'])
+    assert every.method_names('classification', 0.9) == tuple(METHODS['classification'])
+    # Peers are named as such; jest_stream's own methods are not.
+    assert METHODS['classification']['sb_default'].peer.startswith('Composer SelectiveBackprop')
+    assert METHODS['contrastive']['rho_loss'].selection == 'topk'
+    assert METHODS['contrastive']['rho_loss'].peer.startswith('RHO-LOSS')
+    assert all(METHODS[t][m].peer is None for t in METHODS for m in ('uniform', 'proxy',
+                                                                      'adaptive'))
+    assert 'recommended' in METHODS['contrastive'] and METHODS['contrastive'][
+        'recommended'].peer is None
+
+
+def test_policies_anneal_to_uniform_and_adapt() -> None:
+    config = Config(steps=400, eval_every=20)
+    policy = recommended_policy(config, 0.8)
+    pressures = [policy.plan(Progress(steps=s, samples=0)).pressure for s in (0, 299, 350, 400)]
+    assert pressures[:2] == [1.0, 1.0] and pressures[2] == pytest.approx(0.5)
+    assert pressures[3] == 0.0
+    adaptive = adaptive_policy(config, 0.8)
+    assert adaptive.adaptive.window == 20
+    # An evaluation that does not improve on the best halves the pressure of the window after
+    # next; learnable candidates restore it a window later, whatever their mean learnability.
+    for step in range(60):
+        adaptive.observe(step, -2.0)
+    adaptive.report(10, 0.5)
+    adaptive.report(20, 0.4)
+    pressures = [adaptive.plan(Progress(steps=s, samples=0)).pressure for s in (20, 40, 60)]
+    assert pressures == [1.0, 0.5, 1.0]
+
+
+def test_proxies_are_a_fraction_of_the_learners() -> None:
+    for make, proxy in ((make_classifier, make_proxy_classifier),
+                        (make_two_tower, make_proxy_two_tower)):
+        assert count_parameters(proxy(0)) * 6 < count_parameters(make(0))
+    images = torch.randint(0, 256, (5, 28, 28), dtype=torch.uint8)
+    text = torch.as_tensor(random_captions(np.arange(5), seed=0))
+    assert make_proxy_two_tower(0)(images, text)[0].shape == (5, 16)
+
+
+def _selective_backprop_batch(n: int) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.arange(n) % N_CLASSES
+    return {'image': torch.randint(0, 256, (n, 28, 28), generator=generator, dtype=torch.uint8),
+            'label': labels, 'text': torch.as_tensor(random_captions(labels.numpy(), seed=0))}
+
+
+@pytest.mark.parametrize('task', ['classification', 'contrastive'])
+def test_selective_backprop_keeps_b_rows_by_loss_and_repeats_per_seed(task: str) -> None:
+    learner = make_classifier(0) if task == 'classification' else make_two_tower(0)
+    settings = SelectiveBackpropSettings(scale_factor=0.5)
+    selector = SelectiveBackprop(learner, task, settings, batch_size=8,
+                                 drawn=settings.drawn(8))
+    batch = _selective_backprop_batch(16)
+    np.random.seed(3)
+    first = selector.select(batch)
+    np.random.seed(3)
+    assert torch.equal(first, selector.select(batch)) and learner.training
+    assert len(first) == 8 == len(set(first.tolist()))
+    # Composer's rule samples by the rank of the loss: high losses are kept more often.
+    with torch.no_grad():
+        losses = selector._loss(batch)(selector._model()(torch.nn.functional.interpolate(
+            to_float_images(batch['image']), scale_factor=0.5, mode='bilinear')),
+            torch.arange(16))
+    kept = torch.zeros(16)
+    for seed in range(200):
+        np.random.seed(seed)
+        kept[selector.select(batch)] += 1
+    order = losses.argsort()
+    assert kept[order[-4:]].sum() > 2 * kept[order[:4]].sum()
+
+
+def test_rs2_rounds_are_fresh_subsets_without_replacement(tmp_path: Path) -> None:
+    pool = write_mds(tmp_path / 'pool', 40)
+
+    def rounds(seed: int) -> list[list[int]]:
+        rs2 = RepeatedRandomSubsets(str(pool), fraction=0.3, batch_size=4, seed=seed,
+                                    num_workers=0)
+        try:
+            return [[int(i) for batch in rs2 for i in batch['sample_id']] for _ in range(4)]
+        finally:
+            rs2.close()
+
+    first = rounds(0)
+    assert [len(r) for r in first] == [12] * 4 and all(len(set(r)) == 12 for r in first)
+    # The first three rounds use 36 different samples; the fourth the 4 left, then others.
+    assert len(set(first[0]) | set(first[1]) | set(first[2])) == 36
+    assert set(range(40)) - set(first[0] + first[1] + first[2]) <= set(first[3])
+    assert first == rounds(0) and first != rounds(1)
 
 
 class _ProxyScorer:
@@ -221,14 +353,14 @@ def _hooked_methods(calls: list[int]) -> dict[str, Method]:
     def fixed_batches(setup, method, scorer, ratio, seed, config):
         return [{key: value[:config.batch_size] for key, value in setup.probe.items()}]
 
-    return {'proxy': Method('proxy learnability', 'learnability',
+    return {'hooked_proxy': Method('proxy learnability', 'learnability',
                             scorer=lambda setup, learner, reference, *_: _ProxyScorer(
                                 setup, reference),
                             after_step=train_proxy,
                             extra_flops=lambda scorer, big, small: train_step_flops(
                                 scorer.learner, small, _proxy_loss)),
             'twice': Method('same batch, twice the budget', loader=fixed_batches,
-                            steps=lambda config: 2 * config.steps)}
+                            steps=lambda config, entry: 2 * config.steps)}
 
 
 @needs_fashion_mnist
@@ -243,7 +375,7 @@ def test_smoke_run_on_a_tiny_pool(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     out = tmp_path / 'out'
     record = run_benchmark(config, out, progress=False)
     saved = json.loads((out / 'learning_efficiency.json').read_text())
-    assert saved['complete'] and len(saved['runs']) == 10
+    assert saved['complete'] and len(saved['runs']) == 13 + 12
     assert (out / 'learning_efficiency.png').stat().st_size > 0
     assert saved['run']['command'].startswith('python -m benchmarks.learning_efficiency')
     for task in ('classification', 'contrastive'):
@@ -254,10 +386,12 @@ def test_smoke_run_on_a_tiny_pool(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
                     'per_seed_speedups'} <= set(summary)
             costs = summary['step_costs']
             assert sum(costs.values()) == pytest.approx(summary['seconds_per_step_mean'])
-            if name not in ('uniform', 'twice'):
+            reads_b = ('uniform', 'twice', 'rs2', 'uniform_compute')
+            if name not in reads_b:
                 assert costs['score_s'] > 0
-            # Uniform reads only what it trains on; selection reads the super-batch.
-            assert summary['drawn_per_step'] == (8 if name in ('uniform', 'twice') else 16)
+            # Uniform reads only what it trains on; selection reads the super-batch (and
+            # SelectiveBackprop b / keep = 2b).
+            assert summary['drawn_per_step'] == (8 if name in reads_b else 16)
         flops = saved['flops'][task]['0.5']
         assert flops['uniform']['score'] == 0 == flops['uniform']['reference_forward']
         assert flops['uniform']['per_step'] == flops['uniform']['train']
@@ -277,18 +411,43 @@ def test_smoke_run_on_a_tiny_pool(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert cheap['score'] < 0.5 * full['score'] and cheap['train'] < full['train']
     assert full['select'] > 0
     # The hooks: a proxy trained after every step and counted; another loader and budget.
-    assert calls == [8] * 4 and classification['proxy']['extra'] > 0
-    assert classification['proxy']['per_step'] == sum(
-        classification['proxy'][k] for k in ('train', 'score', 'select', 'extra'))
+    assert calls == [8] * 4 and classification['hooked_proxy']['extra'] > 0
+    assert classification['hooked_proxy']['per_step'] == sum(
+        classification['hooked_proxy'][k] for k in ('train', 'score', 'select', 'extra'))
     twice = next(r for r in saved['runs'] if r['method'] == 'twice')
     assert twice['steps'][-1] == 8 and twice['noisy_fraction_overall'] >= 0
+    runs = {(r['task'], r['method']): r for r in saved['runs']}
+    for task in ('classification', 'contrastive'):
+        flops, entry = saved['flops'][task]['0.5'], saved['summary'][task]['0.5']
+        # The library's proxy learner: smaller than the learner, its training counted.
+        learnability = flops['joint' if task == 'contrastive' else 'learnability']
+        assert flops['proxy']['extra'] > 0 and flops['proxy']['score'] < learnability['score']
+        assert saved['tasks'][task]['proxy_parameters']['0.5'] * 6 < saved['tasks'][task][
+            'learner_parameters']
+        # SelectiveBackprop scores only on the steps Composer's schedule picks (the third
+        # of four: the window starts half way, every other step of it selects).
+        assert runs[task, 'sb_default']['scored'] == [0, 0, 16]
+        assert flops['sb_suggested']['extra'] < flops['sb_default']['extra']
+        # The held-out metric reported to the adaptive policy.
+        assert len(runs[task, 'adaptive']['validation']) == 2
+        # Uniform at equal compute runs last, for the steps the best method's FLOPs buy.
+        order = [r['method'] for r in saved['runs'] if r['task'] == task]
+        assert order.index('uniform_compute') > max(
+            i for i, m in enumerate(order) if METHODS[task][m].steps is None)
+        assert runs[task, 'uniform_compute']['steps'][-1] == entry['equal_compute']['steps'] >= 4
+        assert saved['methods'][task]['rs2']['peer'].startswith('RS2')
     # The captioned pool holds, row for row, the captions the reference was annotated on.
     pool = read_columns(tmp_path / 'fm-captions' / 'pool', ['text', 'label'])
     np.testing.assert_array_equal(pool['text'], pool_captions(pool['label'], 0))
 
-    # A resumed run keeps every finished run and trains nothing more.
+    # A resumed run keeps every finished run and trains nothing more; one with fewer methods
+    # keeps theirs.
     again = run_benchmark(replace(config), out, resume=True, progress=False)
     assert again['runs'] == record['runs'] and len(calls) == 4
+    fewer = run_benchmark(replace(config, methods=('learnability', 'joint')), out, resume=True,
+                          progress=False)
+    assert {r['method'] for r in fewer['runs']} == {'uniform', 'learnability', 'joint'}
+    assert len(fewer['runs']) == 4 and len(calls) == 4
 
 
 @needs_fashion_mnist

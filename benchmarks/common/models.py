@@ -23,6 +23,8 @@ from jest_stream import sigmoid_pair_losses
 from jest_stream.flexi import FlexiPatchEmbed, resize_position_embeddings
 
 __all__ = [
+    'PROXY_CHANNELS',
+    'PROXY_HIDDEN',
     'ConvTrunk',
     'FlexiViT',
     'ImageTower',
@@ -35,6 +37,8 @@ __all__ = [
     'make_classifier',
     'make_cnn',
     'make_pooled_cnn',
+    'make_proxy_classifier',
+    'make_proxy_two_tower',
     'make_two_tower',
     'make_vit',
     'seeded_init',
@@ -153,11 +157,14 @@ class TinyClassifier(nn.Module):
     Args:
         hidden (int): Width of the hidden layer.
         out_features (int): Outputs: the class logits by default.
+        channels (tuple[int, int]): Channels of the trunk's two convolutions (smaller ones
+            make a proxy learner: :func:`make_proxy_classifier`).
     """
 
-    def __init__(self, hidden: int = 64, out_features: int = N_CLASSES) -> None:
+    def __init__(self, hidden: int = 64, out_features: int = N_CLASSES,
+                 channels: tuple[int, int] = (16, 32)) -> None:
         super().__init__()
-        self.trunk = ConvTrunk()
+        self.trunk = ConvTrunk(channels)
         self.fc1 = nn.Linear(self.trunk.out_features, hidden)
         self.fc2 = nn.Linear(hidden, out_features)
 
@@ -166,13 +173,26 @@ class TinyClassifier(nn.Module):
         return self.fc2(F.relu(self.fc1(self.trunk(x))))
 
 
-def make_classifier(seed: int) -> TinyClassifier:
+def make_classifier(seed: int, *, hidden: int = 64, channels: tuple[int, int] = (16, 32)
+                    ) -> TinyClassifier:
     """A :class:`TinyClassifier` whose initial weights depend only on ``seed``."""
-    model = seeded_init(TinyClassifier, seed)
+    model = seeded_init(lambda: TinyClassifier(hidden, channels=channels), seed)
     with torch.no_grad():
         # Small initial logits: every example starts near loss log(10).
         model.fc2.weight.mul_(0.1)
     return model
+
+
+#: The proxy learners' sizes: a quarter of the learners' channels and half their widths.
+PROXY_CHANNELS = (4, 8)
+PROXY_HIDDEN = 32
+
+
+def make_proxy_classifier(seed: int) -> TinyClassifier:
+    """A :class:`TinyClassifier` with a quarter of the channels and half the hidden width:
+    about a tenth of the learner's parameters and FLOPs, the classification task's proxy
+    learner (``jest_stream.ProxyScorer``)."""
+    return make_classifier(seed, hidden=PROXY_HIDDEN, channels=PROXY_CHANNELS)
 
 
 class PooledCNN(nn.Module):
@@ -217,10 +237,12 @@ class ImageTower(TinyClassifier):
     Args:
         dim (int): Embedding width.
         hidden (int): Width of the hidden layer.
+        channels (tuple[int, int]): Channels of the trunk's two convolutions.
     """
 
-    def __init__(self, dim: int = 32, hidden: int = 64) -> None:
-        super().__init__(hidden, out_features=dim)
+    def __init__(self, dim: int = 32, hidden: int = 64,
+                 channels: tuple[int, int] = (16, 32)) -> None:
+        super().__init__(hidden, out_features=dim, channels=channels)
 
     def forward(self, images: Tensor) -> Tensor:
         """Embeddings ``Tensor[B, dim]`` of normalised float images ``Tensor[B, 1, H, W]``."""
@@ -254,12 +276,16 @@ class TwoTower(nn.Module):
 
     Args:
         dim (int): Embedding width of both towers.
+        hidden (int): Width of the image tower's hidden layer.
+        channels (tuple[int, int]): Channels of the image tower's convolutions.
+        width (int): Width of the text tower's token embeddings.
     """
 
-    def __init__(self, dim: int = 32) -> None:
+    def __init__(self, dim: int = 32, *, hidden: int = 64, channels: tuple[int, int] = (16, 32),
+                 width: int = 32) -> None:
         super().__init__()
-        self.image = ImageTower(dim)
-        self.text = TextTower(dim)
+        self.image = ImageTower(dim, hidden, channels)
+        self.text = TextTower(dim, width)
         self.log_temperature = nn.Parameter(torch.tensor(math.log(10.0)))
         self.bias = nn.Parameter(torch.tensor(-10.0))
 
@@ -282,9 +308,17 @@ class TwoTower(nn.Module):
                 self.bias)
 
 
-def make_two_tower(seed: int, *, dim: int = 32) -> TwoTower:
+def make_two_tower(seed: int, *, dim: int = 32, hidden: int = 64,
+                   channels: tuple[int, int] = (16, 32), width: int = 32) -> TwoTower:
     """A :class:`TwoTower` whose initial weights depend only on ``seed``."""
-    return seeded_init(lambda: TwoTower(dim), seed)
+    return seeded_init(lambda: TwoTower(dim, hidden=hidden, channels=channels, width=width),
+                       seed)
+
+
+def make_proxy_two_tower(seed: int) -> TwoTower:
+    """A :class:`TwoTower` with a quarter of the image tower's channels, half its hidden
+    width and half the embedding widths: the contrastive task's proxy learner."""
+    return make_two_tower(seed, dim=16, hidden=PROXY_HIDDEN, channels=PROXY_CHANNELS, width=16)
 
 
 def sigmoid_loss(image_emb: Tensor, text_emb: Tensor, temperature: Tensor, bias: Tensor

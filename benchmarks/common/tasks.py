@@ -137,6 +137,9 @@ class TaskSetup:
             reference.
         reference_accuracy (float): The reference's test metric.
         evaluate (Callable): ``evaluate(model) -> float`` on the fixed evaluation images.
+        validate (Callable): ``validate(model) -> float``, the same metric on the clean split
+            (held out from every learner, which trains on the pool only): the held-out
+            metric a policy may read during training without seeing the test split.
         probe (dict[str, Tensor]): The first pool samples, collated (sample ids ``0..n-1``):
             FLOPs are counted on them.
         one_off_flops (dict[str, int]): ``reference_training`` and ``reference_annotation``.
@@ -149,6 +152,7 @@ class TaskSetup:
     cache: ReferenceCache
     reference_accuracy: float
     evaluate: Callable[[nn.Module], float]
+    validate: Callable[[nn.Module], float]
     probe: dict[str, Tensor]
     one_off_flops: dict[str, int]
     summary: dict[str, Any] = field(default_factory=dict)
@@ -251,6 +255,14 @@ def _check_cache(task: Task, cache: ReferenceCache, reference: nn.Module,
                 f'was annotated for another model or pool')
 
 
+def _metric(name: str, images: np.ndarray, labels: np.ndarray
+            ) -> Callable[[nn.Module], float]:
+    """The task's metric on these images: top-1 accuracy, or zero-shot accuracy."""
+    if name == 'classification':
+        return lambda m: evaluate(m, images, labels)
+    return lambda m: zero_shot_accuracy(m, images, labels)
+
+
 def prepare_task(name: str, *, data: PreparedData, reference: ReferenceSettings,
                  eval_rows: np.ndarray, probe_rows: int, num_workers: int = 1,
                  progress: bool = True) -> TaskSetup:
@@ -270,10 +282,9 @@ def prepare_task(name: str, *, data: PreparedData, reference: ReferenceSettings,
     """
     task = TASKS[name]
     model, clean, pool_dir, facts = _train_reference(task, data, reference, progress)
-    images, labels = data.test_images[eval_rows], data.test_labels[eval_rows]
-    score: Callable[[nn.Module], float] = (
-        (lambda m: evaluate(m, images, labels)) if name == 'classification'
-        else (lambda m: zero_shot_accuracy(m, images, labels)))
+    score = _metric(name, data.test_images[eval_rows], data.test_labels[eval_rows])
+    held_out = read_columns(data.clean_dir, ['image', 'label'])
+    validate = _metric(name, held_out['image'], held_out['label'])
     cache = _annotate(task, model, pool_dir, data.root.with_name(data.root.name + '-references'),
                       num_workers, progress)
     probe = {key: torch.as_tensor(value) for key, value in
@@ -289,7 +300,8 @@ def prepare_task(name: str, *, data: PreparedData, reference: ReferenceSettings,
     }
     return TaskSetup(
         task=task, pool_dir=pool_dir, reference=model, cache=cache,
-        reference_accuracy=score(model), evaluate=score, probe=probe, one_off_flops=one_off,
+        reference_accuracy=score(model), evaluate=score, validate=validate, probe=probe,
+        one_off_flops=one_off,
         summary={**facts, 'learner_parameters': count_parameters(model),
                  'reference_cache': str(cache.path), 'reference_checksum': model_checksum(model),
                  'reference_fingerprint': cache.fingerprint.digest()})

@@ -226,6 +226,35 @@ class _StepCosts:
         return {key: value / max(self.steps, 1) for key, value in totals.items()}
 
 
+class _Scoring:
+    """Rows scored so far, and the mean selection pressure and learnability per interval.
+
+    A step scored its candidates when the loader reports more of them (``candidates``)
+    than it handed over; at pressure 0 a ``SelectiveLoader`` scores nothing and reports
+    ``b``.
+    """
+
+    def __init__(self) -> None:
+        self.scored = 0
+        self.window: dict[str, list[float]] = {'pressure': [], 'learnability': []}
+        self.curves: dict[str, list[float | None]] = {'scored': [0], 'pressure': [],
+                                                      'learnability': []}
+
+    def add(self, metrics: dict[str, Any], rows: int) -> None:
+        candidates = int(metrics.get('candidates', 0))
+        if candidates > rows:
+            self.scored += candidates
+        for key, metric in (('pressure', 'pressure'), ('learnability', 'score_all_mean')):
+            if metric in metrics:
+                self.window[key].append(float(metrics[metric]))
+
+    def checkpoint(self) -> None:
+        self.curves['scored'].append(self.scored)
+        for key, values in self.window.items():
+            self.curves[key].append(float(np.mean(values)) if values else None)
+            values.clear()
+
+
 class _NoiseCounter:
     """Share of corrupted examples among those trained on, per checkpoint interval."""
 
@@ -258,6 +287,7 @@ def train_selective(learner: nn.Module, loader: Iterable[dict[str, Any]], *, ste
                     checkpoints: Sequence[int], evaluate: Callable[[nn.Module], float],
                     noisy_key: str | None = None,
                     after_step: Callable[[dict[str, Any]], None] | None = None,
+                    on_checkpoint: Callable[[int, nn.Module], None] | None = None,
                     desc: str = 'train', progress: bool = True) -> dict[str, Any]:
     """Train ``learner`` for ``steps`` optimizer steps on the batches ``loader`` yields.
 
@@ -278,6 +308,9 @@ def train_selective(learner: nn.Module, loader: Iterable[dict[str, Any]], *, ste
         noisy_key (str, optional): Column marking corrupted examples (1) in each batch.
         after_step (Callable, optional): ``after_step(batch)`` after each optimizer step
             (e.g. a proxy learner's own update); timed with the step.
+        on_checkpoint (Callable, optional): ``on_checkpoint(step, learner)`` after each
+            evaluation, with the clock stopped (e.g. a held-out metric reported to the
+            loader's adaptive policy).
         desc (str): Label of the progress bar.
         progress (bool): Show the progress bar.
 
@@ -290,11 +323,17 @@ def train_selective(learner: nn.Module, loader: Iterable[dict[str, Any]], *, ste
         ``select_s`` (the loader's ``metrics``) and ``other_s`` (the rest of fetching a
         batch); they add up to ``seconds_per_step``. ``drawn_per_step``: examples read per
         step (the loader's ``drawn``; the batch's rows for a loader without metrics).
+        ``scored``: candidates scored up to each checkpoint (from the loader's
+        ``candidates``: those of the steps that scored more rows than they handed over);
+        ``pressure`` and ``learnability``: per interval between checkpoints, the mean of the
+        loader's selection pressure and of the candidates' mean score (None where the
+        loader reports none).
     """
     marks = set(checkpoints) | {steps}
     record: dict[str, Any] = {'steps': [0], 'accuracy': [evaluate(learner)], 'seconds': [0.0]}
     noise = _NoiseCounter(noisy_key)
     costs = _StepCosts()
+    scoring = _Scoring()
     elapsed = 0.0
     batches = _endless(loader)
     with tqdm(total=steps, desc=desc, unit='step', mininterval=0.5, disable=not progress) as bar:
@@ -310,8 +349,9 @@ def train_selective(learner: nn.Module, loader: Iterable[dict[str, Any]], *, ste
                 after_step(batch)
             done = time.perf_counter()
             elapsed += done - started
-            costs.add(fetched - started, done - fetched, getattr(loader, 'metrics', {}),
-                      batch_length(batch))
+            metrics = getattr(loader, 'metrics', {})
+            costs.add(fetched - started, done - fetched, metrics, batch_length(batch))
+            scoring.add(metrics, batch_length(batch))
             noise.add(batch)
             bar.update()
             if step in marks:
@@ -319,8 +359,12 @@ def train_selective(learner: nn.Module, loader: Iterable[dict[str, Any]], *, ste
                 record['accuracy'].append(evaluate(learner))
                 record['seconds'].append(elapsed)
                 noise.checkpoint()
+                scoring.checkpoint()
+                if on_checkpoint is not None:
+                    on_checkpoint(step, learner)
                 bar.set_postfix(acc=f'{record["accuracy"][-1]:.3f}')
     record.update(noise.summary())
+    record.update(scoring.curves)
     record['train_seconds'] = elapsed
     record['seconds_per_step'] = elapsed / steps
     record['step_costs'] = costs.means()
