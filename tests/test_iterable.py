@@ -11,6 +11,7 @@ from torch.utils.data import IterableDataset
 
 from helpers.data import features_and_labels
 from helpers.distributed import hugging_face_pool, iterable_worker
+from helpers.loops import sub_batch_ids
 from helpers.models import tiny_classifier
 from helpers.scorers import RecordingScorer
 from jest_stream import SelectiveLoader, SettingError, StateError
@@ -24,16 +25,6 @@ def _loader(dataset, **kwargs) -> SelectiveLoader:
     scorer = RecordingScorer(tiny_classifier(0), tiny_classifier(1))
     return SelectiveLoader(dataset, batch_size=8, filter_ratio=0.8, scorer=scorer, seed=2,
                            **kwargs)
-
-
-def _run(loader, steps, key):
-    out = []
-    while len(out) < steps:
-        for batch in loader:
-            out.append(batch[key].tolist())
-            if len(out) == steps:
-                break
-    return out
 
 
 def test_a_hugging_face_dataset_is_a_source_with_its_own_ids():
@@ -51,13 +42,13 @@ def test_a_hugging_face_dataset_is_a_source_with_its_own_ids():
 def test_resumption_through_the_state_protocol_is_exact(stop_after):
     # 180 samples: 4 full super-batches and a partial one of 20 (>= 8: selected from).
     policy = SelectionPolicy(schedule=Schedule(warmup=3, ramp=4))
-    full = _run(_loader(hugging_face_pool(180), id_key='uid', policy=policy), 13, 'uid')
+    full = sub_batch_ids(_loader(hugging_face_pool(180), id_key='uid', policy=policy), 13, 'uid')
     first = _loader(hugging_face_pool(180), id_key='uid', policy=policy)
-    before = _run(first, stop_after, 'uid')
+    before = sub_batch_ids(first, stop_after, 'uid')
     state = first.state_dict()
     resumed = _loader(hugging_face_pool(180), id_key='uid', policy=policy)
     resumed.load_state_dict(state)
-    after = _run(resumed, 13 - stop_after, 'uid')
+    after = sub_batch_ids(resumed, 13 - stop_after, 'uid')
     assert before + after == full
     # Nothing drawn twice or skipped: the resumed loader's scorer saw the rest of the epoch.
     epoch = stop_after // 5
@@ -68,7 +59,7 @@ def test_resumption_through_the_state_protocol_is_exact(stop_after):
 
 def test_counted_ids_when_the_samples_have_none():
     loader = _loader(hugging_face_pool(120))
-    batches = _run(loader, 3, 'sample_id')
+    batches = sub_batch_ids(loader, 3, 'sample_id')
     assert sorted(i for seen in loader.scorer.seen for i in seen) == list(range(120))
     assert all(0 <= i < 120 for batch in batches for i in batch)
 
@@ -86,14 +77,14 @@ class Counting(IterableDataset):
 
 def test_an_iterable_without_state_is_read_again_on_resume_with_a_warning():
     with pytest.warns(UserWarning, match='no state_dict'):
-        full = _run(_loader(Counting(160), id_key='uid'), 7, 'uid')
+        full = sub_batch_ids(_loader(Counting(160), id_key='uid'), 7, 'uid')
     with pytest.warns(UserWarning):
         first = _loader(Counting(160), id_key='uid')
-    before = _run(first, 3, 'uid')
+    before = sub_batch_ids(first, 3, 'uid')
     with pytest.warns(UserWarning):
         resumed = _loader(Counting(160), id_key='uid')
     resumed.load_state_dict(first.state_dict())
-    assert before + _run(resumed, 4, 'uid') == full
+    assert before + sub_batch_ids(resumed, 4, 'uid') == full
     # It read the first three super-batches again, and scored none of them.
     assert len(resumed.scorer.seen) == 4
 

@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from helpers.data import features_and_labels, write_mds
+from helpers.loops import sub_batch_ids
 from helpers.models import tiny_classifier
 from helpers.scorers import RecordingScorer
 from jest_stream import (
@@ -106,13 +107,7 @@ def test_pressure_sets_the_candidates_scored():
 
 
 def _ids(loader, steps):
-    out = []
-    while len(out) < steps:
-        for batch in loader:
-            out.append(batch[2].tolist())
-            if len(out) == steps:
-                break
-    return out
+    return sub_batch_ids(loader, steps, 2)
 
 
 @pytest.mark.parametrize('scoring', ['inline', 'process'])
@@ -314,8 +309,9 @@ def test_weights_through_the_loader_and_refused_where_they_would_be_biased():
 def test_jest_algorithm_follows_a_schedule_and_reports_evaluations(mds_dir, make_streaming):
     pytest.importorskip('composer')
     from composer.loggers import InMemoryLogger
-    from helpers.composer import DictClassifier, fit, make_trainer
     from torchmetrics.classification import MulticlassAccuracy
+
+    from helpers.composer import DictClassifier, fit, make_trainer
 
     class EvaluatedClassifier(DictClassifier):
         def __init__(self, module):

@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from helpers.data import features_and_labels
+from helpers.loops import sub_batch_ids
 from helpers.models import tiny_classifier
 from jest_stream import (
     ClassificationScorer,
@@ -37,15 +38,7 @@ def _loader(scorer, **kwargs) -> SelectiveLoader:
 
 
 def _run(loader, steps, breaks=()):
-    """Sub-batch ids of ``steps`` steps; leaves the epoch after the step counts in
-    ``breaks``."""
-    out = []
-    while len(out) < steps:
-        for batch in loader:
-            out.append(batch[2].tolist())
-            if len(out) == steps or len(out) in breaks:
-                break
-    return out
+    return sub_batch_ids(loader, steps, 2, breaks=breaks)
 
 
 def test_the_proxy_learns_from_what_it_selects():

@@ -9,6 +9,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from helpers.data import features_and_labels
+from helpers.loops import sub_batch_ids
 from helpers.models import tiny_classifier
 from helpers.scorers import RecordingScorer
 from jest_stream import SelectiveLoader, StateError
@@ -21,30 +22,19 @@ def _loader(dataset, scorer, num_workers, method='joint'):
                            method=method, n_chunks=2, num_workers=num_workers, seed=11)
 
 
-def _run(loader, steps):
-    """Sub-batch ids of the next ``steps`` batches, crossing epochs as a trainer would."""
-    out = []
-    while len(out) < steps:
-        for batch in loader:
-            out.append(batch['sample_id'].tolist())
-            if len(out) == steps:
-                break
-    return out
-
-
 @pytest.mark.parametrize('num_workers', [0, 2])
 @pytest.mark.parametrize('stop_after', [3, 8])
 def test_resume_continues_exactly(mds_dir, make_streaming, num_workers, stop_after):
     # 300 samples, B = 50: 6 super-batches per epoch; 9 steps cross into epoch 1.
     total = 9
     reference = RecordingScorer(tiny_classifier(0), tiny_classifier(1))
-    expected = _run(_loader(make_streaming(mds_dir, batch_size=50), reference, num_workers),
-                    total)
+    expected = sub_batch_ids(
+        _loader(make_streaming(mds_dir, batch_size=50), reference, num_workers), total)
     gc.collect()
 
     first = RecordingScorer(tiny_classifier(0), tiny_classifier(1))
     loader = _loader(make_streaming(mds_dir, batch_size=50), first, num_workers)
-    before = _run(loader, stop_after)
+    before = sub_batch_ids(loader, stop_after)
     state = loader.state_dict()
     del loader
     gc.collect()
@@ -52,7 +42,7 @@ def test_resume_continues_exactly(mds_dir, make_streaming, num_workers, stop_aft
     second = RecordingScorer(tiny_classifier(0), tiny_classifier(1))
     resumed = _loader(make_streaming(mds_dir, batch_size=50), second, num_workers)
     resumed.load_state_dict(state)
-    after = _run(resumed, total - stop_after)
+    after = sub_batch_ids(resumed, total - stop_after)
 
     assert before + after == expected
     # Raw draws: the scorers of the two halves saw exactly the uninterrupted run's super-batches.
@@ -86,13 +76,7 @@ def test_map_style_resume_is_exact():
                                num_workers=2, seed=5)
 
     def run(loader, steps):
-        out = []
-        while len(out) < steps:
-            for batch in loader:
-                out.append(batch[2].tolist())
-                if len(out) == steps:
-                    break
-        return out
+        return sub_batch_ids(loader, steps, 2)
 
     expected = run(make(), 7)
     loader = make()

@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch.utils.data import TensorDataset
 
 from helpers.data import features_and_labels
+from helpers.loops import sub_batch_ids
 from helpers.models import tiny_classifier
 from jest_stream import ClassificationScorer, SelectiveLoader
 
@@ -66,16 +67,13 @@ def make_loader(dataset, *, world: int, global_super: int, global_batch: int, sc
 def run_steps(loader: SelectiveLoader, steps: int, save_at: int | None = None
               ) -> tuple[list[list[int]], dict | None]:
     """Sample ids of ``steps`` sub-batches, and the loader state after ``save_at`` of them."""
-    out: list[list[int]] = []
-    state = None
-    while len(out) < steps:
-        for batch in loader:
-            out.append(batch[2].tolist())
-            if len(out) == save_at:
-                state = loader.state_dict()
-            if len(out) == steps:
-                break
-    return out, state
+    states = {}
+
+    def save(taken: int) -> None:
+        if taken == save_at:
+            states['saved'] = loader.state_dict()
+
+    return sub_batch_ids(loader, steps, 2, after_step=save), states.get('saved')
 
 
 def selection_worker(rank: int, world: int, port: int, out_dir: Path, scope: str,
