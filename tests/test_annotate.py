@@ -215,10 +215,10 @@ def _segments_of(directory: Path) -> set[str]:
 
 
 def test_cli_clears_stale_shared_memory_unless_told_not_to(tmp_path, mds_dir, monkeypatch):
-    import streaming.base.util
+    import jest_stream.shm
 
     calls = []
-    monkeypatch.setattr(streaming.base.util, 'clean_stale_shared_memory',
+    monkeypatch.setattr(jest_stream.shm, 'remove_stale_shared_memory',
                         lambda: calls.append(True))
     args = ['annotate', '--local', str(mds_dir), '--model', 'no_such_module:factory',
             '--transform-id', 'raw', '--out', str(tmp_path / 'ref')]

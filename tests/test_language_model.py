@@ -23,14 +23,13 @@ from jest_stream import (
     SelectionStep,
     SelectiveLoader,
     SettingError,
+    SettingTypeError,
+    annotate,
     get_criterion,
     sequence_losses,
 )
 from jest_stream.cache import (
-    CacheWriter,
-    Fingerprint,
     ReferenceCache,
-    dataset_fingerprint,
     model_checksum,
 )
 
@@ -279,25 +278,12 @@ def _trained_on_clean_text(steps: int = 50) -> nn.Module:
 
 
 def _annotate(directory: Path, out: Path, reference: nn.Module) -> ReferenceCache:
-    """A reference cache of per-sequence losses, written part by part as annotate does."""
-    from streaming import StreamingDataset
-
-    dataset = StreamingDataset(local=str(directory), shuffle=False, batch_size=64,
-                               num_canonical_nodes=1)
-    samples = [dataset[i] for i in range(POOL)]
-    ids = torch.from_numpy(np.stack([s['input_ids'] for s in samples]))
-    mask = torch.from_numpy(np.stack([s['attention_mask'] for s in samples]))
-    fingerprint = Fingerprint(dataset=dataset_fingerprint(directory),
-                              model=model_checksum(reference), transform='token ids')
-    with CacheWriter(out, fingerprint=fingerprint, num_samples=POOL, group='loss',
-                     part_size=64) as writer:
-        for part in writer.pending_parts():
-            start, stop = writer.part_range(part)
-            with torch.no_grad():
-                losses, _ = sequence_losses(reference(ids[start:stop]), ids[start:stop],
-                                            attention_mask=mask[start:stop])
-            writer.write_part(part, {'loss': losses.numpy()})
-        writer.finish()
+    """A reference cache of the losses the scorer computes live, masks included."""
+    scorer = LanguageModelScorer(TinyCausalLM(0, length=SEQUENCE), reference,
+                                 attention_mask_key='attention_mask')
+    annotate(out=out, model=reference, transform_id='token ids', local=directory,
+             losses=scorer.losses, batch_size=48, num_workers=0, part_size=64,
+             progress=False)
     return ReferenceCache(out, dataset=directory, model_checksum=model_checksum(reference),
                           transform='token ids')
 
@@ -323,6 +309,15 @@ def test_learnability_over_mds_token_shards_prefers_clean_text(tmp_path, make_st
     def clean_share(chosen: list[list[int]]) -> float:
         return float(clean[np.array(chosen).reshape(-1)].mean())
 
+    # The cache holds what the live reference computes, sequence by sequence.
+    ids = torch.arange(POOL)
+    masked = make_streaming(directory, batch_size=POOL, shuffle=False)
+    batch = {key: torch.from_numpy(np.stack([masked[i][key] for i in range(POOL)]))
+             for key in ('input_ids', 'attention_mask')}
+    with torch.no_grad():
+        expected, _ = sequence_losses(reference(batch['input_ids']), batch['input_ids'],
+                                      attention_mask=batch['attention_mask'])
+    torch.testing.assert_close(torch.as_tensor(cache.outputs(batch, ids)['loss']), expected)
     live = run(reference)
     assert len(live) == POOL // 32
     assert clean_share(live) >= 0.9  # half of the pool is clean
@@ -438,3 +433,18 @@ def test_bad_settings_are_refused_at_construction(kwargs, message):
 def test_every_error_is_a_jest_stream_error():
     for kind in (ScoreError, DataError, MissingColumnError, SettingError):
         assert issubclass(kind, JestStreamError)
+
+
+def test_annotate_refuses_losses_beside_the_keys_or_not_callable(tmp_path):
+    directory, _ = _write_pool(tmp_path / 'pool')
+    reference = TinyCausalLM(1, length=SEQUENCE)
+    scorer = LanguageModelScorer(TinyCausalLM(0, length=SEQUENCE), reference)
+    common = {'out': tmp_path / 'cache', 'model': reference, 'transform_id': 'token ids',
+              'local': directory, 'progress': False}
+    with pytest.raises(SettingError, match='drop forward=, input_key= and target_key='):
+        annotate(**common, losses=scorer.losses, target_key='input_ids')
+    with pytest.raises(SettingTypeError, match='losses=.* must be callable'):
+        annotate(**common, losses='mean')
+    with pytest.raises(SettingError, match='losses=... computes outputs="loss"'):
+        annotate(**common, losses=scorer.losses, outputs='embeddings')
+    assert not (tmp_path / 'cache').exists()

@@ -181,9 +181,21 @@ class _Outputs:
     image_key: str | int
     text_key: str | int
     loss_fn: Callable[[Tensor, Tensor], Tensor]
+    losses: Callable[[nn.Module, Batch, Tensor], Tensor] | None = None
 
     def __post_init__(self) -> None:
-        if self.group == 'loss':
+        if self.losses is not None:
+            if self.group != 'loss':
+                raise SettingError('losses=... computes outputs="loss"; embeddings come from '
+                                   'forward=... or the model')
+            if not callable(self.losses):
+                raise SettingTypeError(f'losses={self.losses!r} must be callable: '
+                                       f'losses(model, batch, sample_ids) -> Tensor[B]')
+            if self.forward is not None or self.input_key is not None \
+                    or self.target_key is not None:
+                raise SettingError('losses=... computes the losses from the whole batch: drop '
+                                   'forward=, input_key= and target_key= (or drop losses=)')
+        elif self.group == 'loss':
             if self.target_key is None:
                 raise SettingError('outputs="loss" needs target_key (the column of the labels)')
             if self.input_key is None and self.forward is None:
@@ -192,18 +204,17 @@ class _Outputs:
 
     def __call__(self, model: nn.Module, batch: Batch, ids: range
                  ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+        if self.losses is not None:
+            loss = torch.as_tensor(self.losses(model, batch, torch.arange(ids.start, ids.stop)))
+            return self._checked_loss(loss.float(), ids)
         if self.group == 'loss':
             if self.forward is not None:
                 logits = self.forward(model, batch)
             else:
                 logits = model(get_column(batch, self.input_key, setting='input_key'))
             targets = get_column(batch, self.target_key, setting='target_key')
-            loss = self.loss_fn(logits, targets.to(logits.device)).float()
-            if loss.shape != (len(ids),):
-                raise ScoreError(f'the loss has shape {tuple(loss.shape)} for a batch of '
-                                 f'{len(ids)}; loss_fn must return one loss per example')
-            _check_finite(loss, ids, 'loss')
-            return {'loss': loss.cpu().numpy()}, {}
+            return self._checked_loss(self.loss_fn(logits, targets.to(logits.device)).float(),
+                                      ids)
         if self.forward is not None:
             out = self.forward(model, batch)
         else:
@@ -220,6 +231,16 @@ class _Outputs:
         _check_finite(text, ids, 'text embeddings (in float16)')
         arrays = {'image_emb': image.cpu().numpy(), 'text_emb': text.cpu().numpy()}
         return arrays, {'temperature': emb.temperature, 'bias': emb.bias}
+
+
+    def _checked_loss(self, loss: Tensor, ids: range
+                      ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+        if loss.shape != (len(ids),):
+            name = 'losses' if self.losses is not None else 'loss_fn'
+            raise ScoreError(f'the loss has shape {tuple(loss.shape)} for a batch of '
+                             f'{len(ids)}; {name} must return one loss per example')
+        _check_finite(loss, ids, 'loss')
+        return {'loss': loss.cpu().numpy()}, {}
 
 
 def _open_dataset(dataset: Any, local: str | os.PathLike | None, remote: str | None,
@@ -311,6 +332,7 @@ def annotate(*, out: str | os.PathLike, model: nn.Module, transform_id: str,
              input_key: str | int | None = None, target_key: str | int | None = None,
              image_key: str | int = 'image', text_key: str | int = 'text',
              loss_fn: Callable[[Tensor, Tensor], Tensor] = per_example_cross_entropy,
+             losses: Callable[[nn.Module, Batch, Tensor], Tensor] | None = None,
              batch_size: int = 256, num_workers: int = 2, device: str | torch.device = 'cpu',
              part_size: int = DEFAULT_PART_SIZE, progress: bool = True,
              info: Mapping[str, Any] | None = None, lock_timeout: float = 0.0
@@ -341,6 +363,11 @@ def annotate(*, out: str | os.PathLike, model: nn.Module, transform_id: str,
         text_key (str | int): Column of the texts (``embeddings``).
         loss_fn (Callable): ``loss_fn(logits, targets) -> Tensor[B]``; use the scorer's, so
             cached and live losses agree.
+        losses (Callable, optional): Instead of ``forward``, the keys and ``loss_fn``:
+            ``losses(model, batch, sample_ids) -> Tensor[B]`` from the whole batch. Give the
+            scorer's own (``scorer.losses``, e.g. of a
+            :class:`~jest_stream.scoring.LanguageModelScorer` with attention masks and
+            labels): the cache then stores exactly the losses a live reference gets.
         batch_size (int): Samples per forward pass.
         num_workers (int): DataLoader workers that read and decode samples.
         device (str | torch.device): Where the model runs.
@@ -362,7 +389,7 @@ def annotate(*, out: str | os.PathLike, model: nn.Module, transform_id: str,
     """
     _check_settings(outputs, transform_id, batch_size, num_workers, lock_timeout)
     compute = _Outputs(outputs, forward=forward, input_key=input_key, target_key=target_key,
-                       image_key=image_key, text_key=text_key, loss_fn=loss_fn)
+                       image_key=image_key, text_key=text_key, loss_fn=loss_fn, losses=losses)
     started = time.perf_counter()
     device = torch.device(device)
     data = _open_dataset(dataset, local, remote, split, batch_size)

@@ -113,6 +113,24 @@ class ClassificationScorer(ModelScorer):
         return torch.as_tensor(require_output(reference.outputs(batch, sample_ids), 'loss',
                                               source=reference)), None
 
+    def losses(self, model: nn.Module, batch: Batch, sample_ids: Tensor) -> Tensor:
+        """Every example's loss under ``model``, as this scorer computes a live reference's
+        (``loss_fn`` on ``forward`` or the model's logits, no ``input_transform``): what
+        ``annotate(losses=scorer.losses)`` stores in a reference cache.
+
+        Args:
+            model (nn.Module): The model (the reference, when annotating).
+            batch (Batch): ``B`` examples.
+            sample_ids (LongTensor[B]): Their global ids (named in errors).
+
+        Returns:
+            Tensor[B]: float32 losses (0 where the target is ``ignore_index``).
+
+        Raises:
+            DataError, MissingColumnError, ScoreError: As :meth:`__call__`.
+        """
+        return self._losses(model, batch, sample_ids, None)[0]
+
     def training_loss(self, model: nn.Module, batch: Batch, sample_ids: Tensor) -> Tensor:
         """The mean per-example loss of ``model`` on ``batch``, with gradients (what a proxy
         learner trains on: :class:`~jest_stream.scoring.proxy.ProxyScorer`).

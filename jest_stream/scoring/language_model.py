@@ -373,6 +373,24 @@ class LanguageModelScorer(ModelScorer):
         stored = require_output(reference.outputs(batch, sample_ids), 'loss', source=reference)
         return torch.as_tensor(stored)
 
+    def losses(self, model: nn.Module, batch: Batch, sample_ids: Tensor) -> Tensor:
+        """Every sequence's loss under ``model``, as this scorer computes a live reference's:
+        what ``annotate(losses=scorer.losses)`` stores in a reference cache.
+
+        Args:
+            model (nn.Module): The model (the reference, when annotating).
+            batch (Batch): ``B`` sequences.
+            sample_ids (LongTensor[B]): Their global ids (named in errors).
+
+        Returns:
+            Tensor[B]: float32, nats per token (``mean``) or per sequence (``sum``); 0 for a
+            sequence with no counted token.
+
+        Raises:
+            DataError, MissingColumnError, ScoreError: As :meth:`__call__`.
+        """
+        return self._losses(model, batch, sample_ids, self._columns(batch, sample_ids))
+
     def training_loss(self, model: nn.Module, batch: Batch, sample_ids: Tensor) -> Tensor:
         """The mean per-sequence loss of ``model`` on ``batch``, with gradients (what a proxy
         learner trains on: :class:`~jest_stream.scoring.proxy.ProxyScorer`).
@@ -380,7 +398,7 @@ class LanguageModelScorer(ModelScorer):
         Returns:
             Tensor: A scalar.
         """
-        return self._losses(model, batch, sample_ids, self._columns(batch, sample_ids)).mean()
+        return self.losses(model, batch, sample_ids).mean()
 
     def __call__(self, batch: Batch, sample_ids: Tensor, criterion: Criterion) -> PerExampleScores:
         """Score a super-batch of ``B`` sequences.
