@@ -18,10 +18,12 @@ any moment, sees either the old file or the new one.
 
 Exactness under resumption. Rows wait in memory until the open file is rewritten: when the
 loader saves its position (``state_dict``, which returns the number of steps logged), when
-the file is full, and on ``close``. ``load_state_dict`` of that state removes every row a
-killed run logged after the saved position (files that begin after it are deleted, the one
-that straddles it is cut), so the log of a resumed run equals the log of an uninterrupted
-one, row for row and file for file.
+the file is full, on ``close``, and at the latest at interpreter exit (a log that still holds
+rows is kept alive until then, also when nothing else refers to it any more; a process
+killed by a signal loses them, and a forked child leaves them to its parent).
+``load_state_dict`` of that state removes every row a killed run logged after the saved
+position (files that begin after it are deleted, the one that straddles it is cut), so the
+log of a resumed run equals the log of an uninterrupted one, row for row and file for file.
 
 Metrics. :func:`log_metrics` sends the loader's per-batch metrics (``loader.metrics``) to a
 TensorBoard ``SummaryWriter`` or anything with ``add_scalar``.
@@ -35,7 +37,6 @@ import logging
 import os
 import re
 import time
-import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -385,18 +386,21 @@ def _chunks_table(chunks: list[_Chunk], names: list[str]) -> Any:
 
 # The log
 
-_OPEN_LOGS: weakref.WeakSet[SelectionLog] = weakref.WeakSet()
+# Logs whose rows wait in memory, with the process that logged them. Strong references: a
+# log dropped without close() (a loader in a reference cycle, freed by the garbage collector)
+# stays here until its rows are written, at the latest at interpreter exit.
+_UNWRITTEN: dict[SelectionLog, int] = {}
 
 
 @atexit.register
-def _flush_open_logs() -> None:
+def _flush_unwritten_logs() -> None:
     # A run that ends without closing its loader still writes every row it logged (a forked
     # child that inherited the log leaves it to its parent).
-    for log in list(_OPEN_LOGS):
-        if log._pid != os.getpid():
+    for log, pid in list(_UNWRITTEN.items()):
+        if pid != os.getpid():
             continue
         try:
-            log.close()
+            log.flush()
         except Exception:  # noqa: BLE001 - the interpreter is exiting: report, don't raise
             logger.exception('could not write the selection log in %s at exit', log.path)
 
@@ -523,7 +527,6 @@ class SelectionLog:
         self.compression = compression
         self.sync = check_bool(sync, 'sync')
         self._opened = False
-        self._pid = os.getpid()
         self._steps = 0
         self._names: list[str] | None = None
         self._kinds: dict[str, str] = {}
@@ -591,6 +594,7 @@ class SelectionLog:
         self._bytes += chunk.nbytes
         self._rows += chunk.n
         self._written = False
+        _UNWRITTEN[self] = os.getpid()
         self._steps += 1
         self.stats['rows'] += chunk.n
 
@@ -640,10 +644,12 @@ class SelectionLog:
             self._write_open_file()
 
     def close(self) -> None:
-        """Write every row logged; the log can still record afterwards (it holds no file open)."""
+        """Write every row logged; the log can still record afterwards (it holds no file open).
+
+        Without it, the rows still in memory are written at interpreter exit.
+        """
         if self._opened:
             self.flush()
-        _OPEN_LOGS.discard(self)
 
     # Files
 
@@ -664,8 +670,6 @@ class SelectionLog:
             for file in existing:
                 file.path.unlink()
         self._opened = True
-        self._pid = os.getpid()
-        _OPEN_LOGS.add(self)
 
     def _reset(self) -> None:
         self._start_file(0)
@@ -679,8 +683,12 @@ class SelectionLog:
 
     def _start_file(self, first_step: int) -> None:
         self._table, self._pending, self._bytes, self._rows = None, [], 0, 0
-        self._written = True
         self._first_step = first_step
+        self._mark_written()
+
+    def _mark_written(self) -> None:
+        self._written = True
+        _UNWRITTEN.pop(self, None)
 
     def _check_kinds(self, rows: dict[str, np.ndarray]) -> None:
         names = [*FIXED_COLUMNS, *(name for name in rows if name not in FIXED_COLUMNS)]
@@ -723,7 +731,7 @@ class SelectionLog:
         target = self.path / _file_name(self.rank, self._first_step)
         created = not target.exists()
         self._write_atomically(table, target)
-        self._written = True
+        self._mark_written()
         self.stats['files_written'] += 1
         if created and self.max_files is not None:
             for old in log_files(self.path, self.rank)[:-self.max_files]:

@@ -287,6 +287,51 @@ def test_rotation_by_rows_bytes_and_files_and_ranks_in_file_names(tmp_path):
     assert read_log(tmp_path / 'ranks', ranks=[3]).num_rows == 80
 
 
+# Run by the test below in its own interpreter: loaders that never close their logs.
+_UNCLOSED_LOGS = """
+import gc, os, sys
+import torch
+from torch.utils.data import TensorDataset
+from jest_stream import SelectionLog, SelectiveLoader
+
+folder = sys.argv[1]
+dataset = TensorDataset(torch.randn(120, 4), torch.arange(120) % 3)
+
+
+def loader(name):
+    return SelectiveLoader(dataset, batch_size=8, super_batch_size=40, criterion='uniform',
+                           seed=0, selection_log=SelectionLog(os.path.join(folder, name)))
+
+
+dropped = loader('dropped')  # three steps, then freed by the garbage collector
+list(dropped)
+del dropped
+gc.collect()
+reopened = loader('reopened')  # three steps, close(), three more
+list(reopened)
+reopened.close()
+list(reopened)
+forked = loader('forked')
+list(forked)
+child = os.fork()
+if child == 0:
+    sys.exit(0)  # the child's interpreter exits; the rows are its parent's to write
+os.waitpid(child, 0)
+print('after the child:', sorted(os.listdir(os.path.join(folder, 'forked'))))
+"""
+
+
+def test_rows_of_a_log_never_closed_are_written_at_interpreter_exit(tmp_path):
+    env = {**os.environ, 'PYTHONPATH': str(REPO)}
+    job = subprocess.run([sys.executable, '-c', _UNCLOSED_LOGS, str(tmp_path)], env=env,
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert job.returncode == 0, job.stderr
+    assert 'after the child: []' in job.stdout
+    for name, steps in (('dropped', 3), ('reopened', 6), ('forked', 3)):
+        table = read_log(tmp_path / name)
+        assert table['step'].to_numpy().tolist() == np.repeat(np.arange(steps), 40).tolist()
+
+
 def test_a_folder_with_another_runs_log_is_refused_unless_overwritten(tmp_path):
     config = SelectionConfig.create(batch_size=8, super_batch_size=40)
     for overwrite in (False, True):
