@@ -755,42 +755,56 @@ class SelectionLog:
             _sync_folder(self.path)
 
     def _cut(self, steps: int) -> None:
-        """Remove this rank's rows of steps ``>= steps``; the file before becomes the open one."""
-        import pyarrow.compute as pc
+        """Remove this rank's rows of steps ``>= steps``; the file before becomes the open one.
 
-        kept = []
-        for file in log_files(self.path, self.rank):
-            if file.first_step >= steps:
-                file.path.unlink()
-            else:
-                kept.append(file)
-        if not kept:
-            if steps > 0 and self.max_files is None:
-                raise StateError(
-                    f'the saved position is step {steps} of the selection log, but {self.path} '
-                    f'holds no file of rank {self.rank} before it: resume with the folder the '
-                    f'run logged to')
+        The whole cut is checked before any file is touched: a refused resume leaves the
+        folder as it was.
+        """
+        files = log_files(self.path, self.rank)
+        kept = [f for f in files if f.first_step < steps]
+        table, removed = self._straddling(kept[-1], steps) if kept else (None, False)
+        if table is None and steps > 0 and self.max_files is None:
+            raise StateError(
+                f'the saved position is step {steps} of the selection log, but {self.path} '
+                f'holds no file of rank {self.rank} before it: resume with the folder the '
+                f'run logged to')
+        for file in files[len(kept):]:
+            file.path.unlink()
+        if table is None:
             if steps > 0:
                 logger.warning('the selection log in %s resumes at step %d; its earlier rows '
                                'were removed (max_files=%d)', self.path, steps, self.max_files)
             self._start_file(steps)
             return
         last = kept[-1]
-        table = _read_file(last.path)
+        self._start_file(last.first_step)
+        self._table = table
+        self._bytes, self._rows = int(table.nbytes), table.num_rows
+        self._names = list(table.schema.names)
+        if removed:
+            self._write_atomically(table, last.path)
+
+    @staticmethod
+    def _straddling(file: LogFile, steps: int) -> tuple[Any, bool]:
+        """The rows before step ``steps`` of the file that holds it (read and checked), and
+        whether it holds rows after them.
+
+        Raises:
+            LogError: The file is damaged.
+            StateError: Its rows end before step ``steps - 1``.
+        """
+        import pyarrow.compute as pc
+
+        table = _read_file(file.path)
         step = table.column('step')
         ends = int(pc.max(step).as_py()) if table.num_rows else -1
         if ends < steps - 1:
             raise StateError(
-                f'{last.path}: the saved position is step {steps} of the selection log, but its '
+                f'{file.path}: the saved position is step {steps} of the selection log, but its '
                 f'rows end at step {ends}: rows are missing; resume with the folder the run '
                 f'logged to, from its own checkpoint')
-        self._start_file(last.first_step)
-        self._table = table.filter(pc.less(step, steps)).combine_chunks()
-        self._bytes, self._rows = int(self._table.nbytes), self._table.num_rows
-        self._names = list(self._table.schema.names)
-        if self._table.num_rows != table.num_rows:
-            self._write_atomically(self._table, last.path)
-
+        before = table.filter(pc.less(step, steps)).combine_chunks()
+        return before, before.num_rows != table.num_rows
 
 def _clock() -> tuple[float, float]:
     """Wall-clock seconds and this thread's CPU seconds, now."""

@@ -421,6 +421,44 @@ def test_state_dict_writes_every_row_and_a_resume_cuts_the_rows_after_it(tmp_pat
             _super_batch(40, 7), torch.arange(40), epoch=0, index=7)
 
 
+def _files_of(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_a_refused_resume_leaves_the_folder_as_it_was(tmp_path):
+    config = SelectionConfig.create(batch_size=8, super_batch_size=40)
+
+    def logged(name, steps, **settings):
+        log = SelectionLog(tmp_path / name, max_rows_per_file=80, **settings)
+        step = SelectionStep(config, _scores, record=log.record)
+        for index in range(steps):
+            step(_super_batch(40, index), torch.arange(40) + 40 * index, epoch=0, index=index)
+        log.close()
+        return tmp_path / name, log_files(tmp_path / name)
+
+    # Only the files of steps 8-11 are left: the position 5 cannot be reached.
+    folder, files = logged('kept', 12, max_files=2)
+    assert [f.first_step for f in files] == [8, 10]
+    before = _files_of(folder)
+    with pytest.raises(StateError, match='no file of rank 0'):
+        SelectionLog(folder).load_state_dict({'version': 1, 'steps': 5})
+    assert _files_of(folder) == before
+    # The file that straddles the position ends too early, or is damaged.
+    folder, files = logged('short', 6)
+    assert [f.first_step for f in files] == [0, 2, 4]
+    table = pq.read_table(files[1].path)
+    pq.write_table(table.filter(pa.compute.equal(table['step'], 2)), files[1].path)
+    before = _files_of(folder)
+    with pytest.raises(StateError, match='rows are missing'):
+        SelectionLog(folder).load_state_dict({'version': 1, 'steps': 4})
+    assert _files_of(folder) == before
+    files[1].path.write_bytes(before[files[1].path.name][:100])
+    before = _files_of(folder)
+    with pytest.raises(LogError, match=re.escape(files[1].path.name)):
+        SelectionLog(folder).load_state_dict({'version': 1, 'steps': 3})
+    assert _files_of(folder) == before
+
+
 def _segments_of(directory: Path) -> set[str]:
     """Streaming's shared-memory segments of the datasets over ``directory``."""
     prefixes = set()
