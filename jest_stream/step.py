@@ -356,14 +356,9 @@ class SelectionStep:
                                                                    config.batch_size)
         groups = None if plan.quota is None else self.scope.align(
             _groups(batch, sample_ids, plan.quota, self.stream_offsets))
-        constraint = _constraint(plan.quota, groups, n_select)
-        n_mixed = round(plan.mix * n_select)
-        selected, probabilities = self._select(
-            candidates, n_candidates, n_select - n_mixed, constraint, plan.weights,
-            derive_generator(config.seed, SELECTION, epoch, index))
-        if n_mixed:
-            selected = torch.cat([selected, self._mix(n_candidates, selected, n_mixed,
-                                                      constraint, policy_generator)])
+        selected, probabilities, constraint = self._choose_rows(
+            candidates, n_candidates, n_select, plan, groups,
+            derive_generator(config.seed, SELECTION, epoch, index), policy_generator)
         select_s = time.perf_counter() - start
         learn_s, proxy_flops = self._learn(batch, sample_ids, selected)
         selection = Selection(
@@ -388,12 +383,46 @@ class SelectionStep:
                                   count_flops=self.config.count_flops)
         return time.perf_counter() - start, flops
 
+    def _choose_rows(self, scores: BatchScores | None, n_candidates: int, n_select: int,
+                     plan: Plan, groups: Tensor | None, generator: torch.Generator,
+                     policy_generator: torch.Generator
+                     ) -> tuple[Tensor, Tensor | None, GroupQuota | None]:
+        """The ``n_select`` candidates of the sub-batch, their inclusion probabilities (with
+        weights) and the quota they were picked under.
+
+        Excluded candidates (no loss to score) are never preferred: selection, uniform mixing
+        and quotas run over the others, and the excluded fill in, uniformly and outside any
+        quota, only when fewer than ``n_select`` others remain.
+        """
+        excluded = scores.excluded if isinstance(scores, PerExampleScores) else None
+        keep = None
+        if excluded is not None and bool(excluded.any()):
+            excluded = excluded.cpu()
+            keep = (~excluded).nonzero().flatten()
+            if len(keep) < n_select:
+                rest = excluded.nonzero().flatten()
+                fill = rest[uniform_select(len(rest), n_select - len(keep), generator=generator)]
+                chance = torch.cat([torch.ones(len(keep), dtype=torch.float64),
+                                    torch.full((len(fill),), len(fill) / len(rest),
+                                               dtype=torch.float64)])
+                return torch.cat([keep, fill]), chance if plan.weights else None, None
+            scores = scores.map_rows(lambda rows: rows[keep.to(rows.device)])
+            groups = None if groups is None else groups[keep]
+        n = n_candidates if keep is None else len(keep)
+        constraint = _constraint(plan.quota, groups, n_select)
+        n_mixed = round(plan.mix * n_select)
+        selected, probabilities = self._select(scores, n, n_select - n_mixed, constraint,
+                                               plan.weights, generator)
+        if n_mixed:
+            selected = torch.cat([selected, self._mix(n, selected, n_mixed, constraint,
+                                                      policy_generator)])
+        return (selected if keep is None else keep[selected]), probabilities, constraint
+
     def _select(self, scores: BatchScores | None, n_candidates: int, n_select: int,
                 constraint: GroupQuota | None, weights: bool, generator: torch.Generator
                 ) -> tuple[Tensor, Tensor | None]:
         """Select ``n_select`` of the candidates (and their inclusion probabilities when
-        weights are asked). Excluded candidates (no loss to score) are never preferred: they
-        fill in, uniformly, only when too few others remain."""
+        weights are asked)."""
         config = self.config
         if scores is None:
             chosen = uniform_select(n_candidates, n_select, generator=generator,
@@ -404,27 +433,9 @@ class SelectionStep:
             return sample_select_with_probabilities(
                 scores.per_example(), n_select, temperature=config.temperature,
                 generator=generator)
-        excluded = scores.excluded if isinstance(scores, PerExampleScores) else None
-        if excluded is None or not bool(excluded.any()):
-            return select(scores, n_candidates, n_select, method=config.method,
-                          n_chunks=config.n_chunks, temperature=config.temperature,
-                          generator=generator, constraint=constraint), None
-        excluded = excluded.cpu()
-        keep = (~excluded).nonzero().flatten()
-        if len(keep) >= n_select:
-            eligible = scores.map_rows(lambda rows: rows[keep.to(rows.device)])
-            groups = None if constraint is None else constraint.groups
-            if constraint is not None:
-                constraint.groups = groups[keep]  # the eligible candidates' groups
-            chosen = select(eligible, len(keep), n_select, method=config.method,
-                            n_chunks=config.n_chunks, temperature=config.temperature,
-                            generator=generator, constraint=constraint)
-            if constraint is not None:
-                constraint.groups = groups
-            return keep[chosen], None
-        rest = excluded.nonzero().flatten()
-        fill = rest[uniform_select(len(rest), n_select - len(keep), generator=generator)]
-        return torch.cat([keep, fill]), None
+        return select(scores, n_candidates, n_select, method=config.method,
+                      n_chunks=config.n_chunks, temperature=config.temperature,
+                      generator=generator, constraint=constraint), None
 
     @staticmethod
     def _mix(n_candidates: int, selected: Tensor, n_mixed: int,
@@ -451,6 +462,8 @@ class SelectionStep:
         if constraint is not None:
             selection.policy.update({f'share/{g}': s for g, s in constraint.shares().items()})
             selection.policy['quota_relaxed'] = float(constraint.relaxed)
+        elif plan.quota is not None:  # too few rows with a loss to pick under the quota
+            selection.policy['quota_relaxed'] = 1.0
 
     # The handing-over half (always in the trainer's process)
 

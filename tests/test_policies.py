@@ -349,3 +349,44 @@ def test_jest_algorithm_follows_a_schedule_and_reports_evaluations(mds_dir, make
     reported = algorithm.policy.adaptive.state_dict()
     assert reported['best'] is not None or reported['metrics'], 'no evaluation was reported'
     assert algorithm.state_dict()['policy']['adaptive'] == reported
+
+
+# Rows without a loss (all padding, every label ignored)
+
+@pytest.mark.parametrize('plan', [
+    Plan(), Plan(mix=0.25), Plan(weights=True),
+    Plan(quota=Quota('g', min_share={1: 0.5})), Plan(quota=Quota('g', proportional=True)),
+], ids=['plain', 'mix', 'weights', 'quota', 'proportional'])
+def test_excluded_rows_are_never_preferred_under_any_policy(plan):
+    # Excluded rows score highest, and half of group 1 is excluded: selection, mixing,
+    # weights and quotas run over the others, and a minimum the others cannot meet is capped.
+    n, b = 40, 8
+    groups = torch.tensor([0] * 30 + [1] * 10)
+    excluded = torch.zeros(n, dtype=torch.bool)
+    excluded[::4] = True
+    excluded[30:35] = True
+    scores = torch.where(excluded, 10.0, torch.linspace(0, 1, n))
+    config = SelectionConfig.create(batch_size=b, super_batch_size=n, method='sample')
+    step = SelectionStep(config, lambda batch, ids, criterion: PerExampleScores(
+        scores, excluded=excluded))
+    batch = {'g': groups, 'x': torch.zeros(n, 2)}
+    for index in range(30):
+        selection = step.choose(batch, torch.arange(n), 0, index, plan)
+        rows = selection.selected
+        assert len(rows) == b and len(set(rows.tolist())) == b
+        assert not bool(excluded[rows].any())
+        if plan.quota is not None and not plan.quota.proportional:
+            assert int((groups[rows] == 1).sum()) >= 4
+        if plan.weights:
+            sub, _ = step(batch, torch.arange(n), epoch=0, index=index, plan=plan)
+            assert bool(torch.isfinite(sub['sample_weight']).all())
+    # Fewer rows with a loss than b: they are all taken, the excluded fill in, and the quota
+    # says it could not hold.
+    few = torch.ones(n, dtype=torch.bool)
+    few[:3] = False
+    step = SelectionStep(config, lambda batch, ids, criterion: PerExampleScores(
+        scores, excluded=few))
+    selection = step.choose(batch, torch.arange(n), 0, 0, plan)
+    assert set(range(3)) <= set(selection.selected.tolist()) and len(selection.selected) == b
+    if plan.quota is not None:
+        assert selection.policy['quota_relaxed'] == 1.0
