@@ -37,6 +37,7 @@ import logging
 import os
 import re
 import time
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,16 +171,39 @@ def _read_file(path: Path, columns: Sequence[str] | None = None) -> Any:
             f'{path}: the selection log file cannot be read ({type(error).__name__}: {error}); '
             f'it is damaged or truncated (a copy cut short, a full disk). Delete it to read the '
             f'rest of the log (its rows are lost), or restore it from a copy') from None
-    metadata = table.schema.metadata or {}
+    _log_metadata(path, table.schema.metadata)
+    return table
+
+
+def _log_metadata(path: Path, metadata: Mapping[bytes, bytes] | None) -> dict[str, Any]:
+    """The selection log's entry of a file's schema metadata: ``version`` and ``run``.
+
+    Raises:
+        LogError: The file is not a log, or one of another version.
+    """
+    metadata = metadata or {}
     if _METADATA_KEY not in metadata:
         raise LogError(f'{path}: a Parquet file, but not one a SelectionLog wrote (its schema '
                        f'has no {_METADATA_KEY.decode()!r} metadata); move it out of the log\'s '
                        f'folder')
-    version = json.loads(metadata[_METADATA_KEY]).get('version')
+    entry = json.loads(metadata[_METADATA_KEY])
+    version = entry.get('version')
     if version != LOG_VERSION:
         raise LogError(f'{path}: selection log version {version!r}, but this jest_stream reads '
                        f'version {LOG_VERSION}')
-    return table
+    return entry
+
+
+def _file_run(path: Path) -> str | None:
+    """The run that wrote a log file; None when the file does not say (a log written before
+    runs were recorded) or cannot be read (left to the reader that needs its rows)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return _log_metadata(path, pq.read_schema(path).metadata).get('run')
+    except (pa.ArrowException, OSError, LogError):
+        return None
 
 
 def read_log(path: str | os.PathLike[str], *, columns: Sequence[str] | None = None,
@@ -379,9 +403,7 @@ def _chunks_table(chunks: list[_Chunk], names: list[str]) -> Any:
         else:
             values = np.concatenate([c.rows[name] for c in chunks])
         arrays.append(_arrow_column(name, values))
-    table = pa.table(arrays, names=names)
-    metadata = {_METADATA_KEY: json.dumps({'version': LOG_VERSION}).encode()}
-    return table.replace_schema_metadata(metadata)
+    return pa.table(arrays, names=names)
 
 
 # The log
@@ -527,6 +549,7 @@ class SelectionLog:
         self.compression = compression
         self.sync = check_bool(sync, 'sync')
         self._opened = False
+        self._run: str | None = None  # the run whose log this is, in every file's metadata
         self._steps = 0
         self._names: list[str] | None = None
         self._kinds: dict[str, str] = {}
@@ -604,10 +627,16 @@ class SelectionLog:
         self.stats[f'{kind}_cpu_s'] += cpu - start[1]
 
     def state_dict(self) -> dict[str, Any]:
-        """Write every row logged so far (durably), and return the position: steps logged."""
+        """Write every row logged so far (durably), and return the position.
+
+        Returns:
+            dict: ``version``, ``steps`` (super-batches logged), ``run`` (the run's id, in
+            every file this rank writes) and ``rank``.
+        """
         self._open(fresh=True)
         self.flush()
-        return {'version': LOG_VERSION, 'steps': self._steps}
+        return {'version': LOG_VERSION, 'steps': self._steps, 'run': self._run,
+                'rank': self.rank}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Continue the log at a saved position: rows logged after it are removed from disk.
@@ -615,13 +644,18 @@ class SelectionLog:
         The file that straddles the position is cut and stays the open file, so the files of
         the resumed run are those of an uninterrupted one.
 
+        The state of this rank names its run: files of this rank written by another run (a
+        folder another run logs to) are refused, not cut. Another rank's state (one checkpoint
+        for every rank) and a state saved without a run are not checked for it.
+
         Args:
             state (Mapping): From :meth:`state_dict`; an empty one (the checkpoint had no log)
                 starts the log at step 0 in a folder without this rank's files.
 
         Raises:
-            StateError: The state is not a log state, or the folder lacks rows before the
-                position (another folder, or files removed by hand).
+            StateError: The state is not a log state, the folder lacks rows before the
+                position (another folder, or files removed by hand), or this rank's files
+                there are another run's.
             LogError: The file that straddles the position is damaged.
             SettingError: An empty state, and the folder holds this rank's files.
         """
@@ -630,12 +664,12 @@ class SelectionLog:
             self._opened = False
             self._open(fresh=True)
             return
-        steps = _check_state(state)
+        steps, run, rank = _check_state(state)
         if self._opened:
             self.flush()
         self._open(fresh=False)
         self._reset()
-        self._cut(steps)
+        self._cut(steps, run if rank in (None, self.rank) else None)
         self._steps = steps
 
     def flush(self) -> None:
@@ -670,6 +704,8 @@ class SelectionLog:
             for file in existing:
                 file.path.unlink()
         self._opened = True
+        if fresh:
+            self._run = uuid.uuid4().hex
 
     def _reset(self) -> None:
         self._start_file(0)
@@ -742,6 +778,8 @@ class SelectionLog:
         import pyarrow.parquet as pq
 
         temp = target.with_name(f'{_TEMP_PREFIX}{self.rank:03d}-{os.getpid()}-{target.name}')
+        entry = {'version': LOG_VERSION, 'run': self._run}
+        table = table.replace_schema_metadata({_METADATA_KEY: json.dumps(entry).encode()})
         try:
             with open(temp, 'wb') as out:
                 pq.write_table(table, out, compression=self.compression)
@@ -754,20 +792,22 @@ class SelectionLog:
         if self.sync:
             _sync_folder(self.path)
 
-    def _cut(self, steps: int) -> None:
+    def _cut(self, steps: int, run: str | None) -> None:
         """Remove this rank's rows of steps ``>= steps``; the file before becomes the open one.
 
         The whole cut is checked before any file is touched: a refused resume leaves the
-        folder as it was.
+        folder as it was. ``run`` (when known) must be the run of every file the cut touches.
         """
         files = log_files(self.path, self.rank)
         kept = [f for f in files if f.first_step < steps]
+        found = self._check_run(run, files[len(kept) - 1 if kept else 0:])
         table, removed = self._straddling(kept[-1], steps) if kept else (None, False)
         if table is None and steps > 0 and self.max_files is None:
             raise StateError(
                 f'the saved position is step {steps} of the selection log, but {self.path} '
                 f'holds no file of rank {self.rank} before it: resume with the folder the '
                 f'run logged to')
+        self._run = run or found or uuid.uuid4().hex
         for file in files[len(kept):]:
             file.path.unlink()
         if table is None:
@@ -783,6 +823,21 @@ class SelectionLog:
         self._names = list(table.schema.names)
         if removed:
             self._write_atomically(table, last.path)
+
+    def _check_run(self, run: str | None, files: list[LogFile]) -> str | None:
+        """The run that wrote ``files`` (None when none says); refuses files of a run other
+        than ``run``."""
+        found = None
+        for file in files:
+            other = _file_run(file.path)
+            if run is not None and other is not None and other != run:
+                raise StateError(
+                    f'{self.path}: the selection log of rank {self.rank} there is another '
+                    f'run\'s ({file.path.name} was written by run {other}, the state resumes '
+                    f'run {run}); resume with the folder this run logged to, or start a new '
+                    f'log without the state')
+            found = found or other
+        return found
 
     @staticmethod
     def _straddling(file: LogFile, steps: int) -> tuple[Any, bool]:
@@ -825,15 +880,21 @@ def _sync_folder(folder: Path) -> None:
         os.close(descriptor)
 
 
-def _check_state(state: Mapping[str, Any]) -> int:
+def _check_state(state: Mapping[str, Any]) -> tuple[int, str | None, int | None]:
+    """``steps``, ``run`` and ``rank`` of a log state (a state saved before runs were
+    recorded has neither of the last two)."""
     if not isinstance(state, Mapping) or state.get('version') != LOG_VERSION:
         version = state.get('version') if isinstance(state, Mapping) else None
         raise StateError(f'selection log state version {version!r} is not {LOG_VERSION}; it was '
                          f'saved by an incompatible jest_stream, or is not a SelectionLog state')
-    steps = state.get('steps')
+    steps, run, rank = state.get('steps'), state.get('run'), state.get('rank')
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise StateError(f'the selection log state has steps={steps!r}; expected an int >= 0')
-    return steps
+    if run is not None and not isinstance(run, str):
+        raise StateError(f'the selection log state has run={run!r}; expected a str')
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 0):
+        raise StateError(f'the selection log state has rank={rank!r}; expected an int >= 0')
+    return steps, run, rank
 
 
 # Metrics to other loggers

@@ -394,7 +394,8 @@ def test_state_dict_writes_every_row_and_a_resume_cuts_the_rows_after_it(tmp_pat
     log = SelectionLog(tmp_path / 'cut', max_rows_per_file=200, columns=['name'])
     steps(log, 0, 7)
     state = log.state_dict()
-    assert state == {'version': 1, 'steps': 7}
+    assert state == {'version': 1, 'steps': 7, 'run': state['run'], 'rank': 0}
+    assert {_run_of(f.path) for f in log_files(tmp_path / 'cut')} == {state['run']}
     assert read_log(tmp_path / 'cut').num_rows == 7 * 40  # on disk, without a close
     steps(log, 7, 11)  # rotates at step 10: the file of steps 5-9 straddles the position
     log.flush()
@@ -457,6 +458,43 @@ def test_a_refused_resume_leaves_the_folder_as_it_was(tmp_path):
     with pytest.raises(LogError, match=re.escape(files[1].path.name)):
         SelectionLog(folder).load_state_dict({'version': 1, 'steps': 3})
     assert _files_of(folder) == before
+
+
+def _run_of(path: Path) -> str | None:
+    return json.loads(pq.read_schema(path).metadata[b'jest_stream.selection_log']).get('run')
+
+
+def test_a_resume_into_another_runs_folder_is_refused_and_older_states_resume(tmp_path):
+    config = SelectionConfig.create(batch_size=8, super_batch_size=40)
+
+    def run(folder, first, last, state=None, **settings):
+        log = SelectionLog(folder, max_rows_per_file=80, **settings)
+        if state is not None:
+            log.load_state_dict(state)
+        step = SelectionStep(config, _scores, record=log.record)
+        for index in range(first, last):
+            step(_super_batch(40, index), torch.arange(40) + 40 * index, epoch=0, index=index)
+        return log.state_dict()
+
+    mine = run(tmp_path / 'mine', 0, 3)
+    theirs = run(tmp_path / 'theirs', 0, 5)
+    assert mine['run'] != theirs['run']
+    before = _files_of(tmp_path / 'theirs')
+    with pytest.raises(StateError, match=re.escape(str(tmp_path / 'theirs')) + ".*another run"):
+        SelectionLog(tmp_path / 'theirs').load_state_dict(mine)
+    assert _files_of(tmp_path / 'theirs') == before
+    # The same run resumes, and its files keep its run.
+    assert run(tmp_path / 'mine', 3, 4, state=mine)['run'] == mine['run']
+    assert {_run_of(f.path) for f in log_files(tmp_path / 'mine')} == {mine['run']}
+    # A state saved before runs were recorded, and another rank's state (one checkpoint for
+    # every rank), are not checked for the run; the log keeps the run of its files.
+    older = {'version': 1, 'steps': 3}
+    assert run(tmp_path / 'theirs', 3, 4, state=older)['run'] == theirs['run']
+    other_rank = {**mine, 'rank': 1, 'steps': 4}
+    assert run(tmp_path / 'theirs', 4, 5, state=other_rank)['run'] == theirs['run']
+    assert read_log(tmp_path / 'theirs')['step'].to_numpy().max() == 4
+    with pytest.raises(StateError, match='run=7'):
+        SelectionLog(tmp_path / 'mine').load_state_dict({**mine, 'run': 7})
 
 
 def _segments_of(directory: Path) -> set[str]:
