@@ -160,17 +160,29 @@ def as_table(log: Any) -> Any:
 
 
 def _read_file(path: Path, columns: Sequence[str] | None = None) -> Any:
-    """One log file as a ``pyarrow.Table``; a :class:`LogError` naming it if it is damaged."""
+    """One log file as a ``pyarrow.Table``.
+
+    Raises:
+        LogError: The file is damaged (named), or not a selection log.
+        SettingError: A column of ``columns`` is not in the file (its columns listed).
+    """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(path, columns=list(columns) if columns is not None else None)
+        with pq.ParquetFile(path) as file:
+            names = file.schema_arrow.names
+            missing = [] if columns is None else [c for c in columns if c not in names]
+            table = None if missing else file.read(
+                columns=list(columns) if columns is not None else None)
     except (pa.ArrowException, OSError) as error:
         raise LogError(
             f'{path}: the selection log file cannot be read ({type(error).__name__}: {error}); '
             f'it is damaged or truncated (a copy cut short, a full disk). Delete it to read the '
             f'rest of the log (its rows are lost), or restore it from a copy') from None
+    if missing:
+        raise SettingError(f'columns={list(columns)!r}: {missing} are not columns of the '
+                           f'selection log ({path.name} has {names}); name columns it has')
     _log_metadata(path, table.schema.metadata)
     return table
 
@@ -186,7 +198,14 @@ def _log_metadata(path: Path, metadata: Mapping[bytes, bytes] | None) -> dict[st
         raise LogError(f'{path}: a Parquet file, but not one a SelectionLog wrote (its schema '
                        f'has no {_METADATA_KEY.decode()!r} metadata); move it out of the log\'s '
                        f'folder')
-    entry = json.loads(metadata[_METADATA_KEY])
+    try:
+        entry = json.loads(metadata[_METADATA_KEY])
+    except ValueError as error:  # JSONDecodeError and UnicodeDecodeError
+        entry = error
+    if not isinstance(entry, dict):
+        raise LogError(f'{path}: its {_METADATA_KEY.decode()!r} metadata is not the JSON object '
+                       f'a SelectionLog writes ({entry}); the file is damaged or another '
+                       f'program\'s: move it out of the log\'s folder')
     version = entry.get('version')
     if version != LOG_VERSION:
         raise LogError(f'{path}: selection log version {version!r}, but this jest_stream reads '
@@ -216,7 +235,8 @@ def read_log(path: str | os.PathLike[str], *, columns: Sequence[str] | None = No
 
     Args:
         path (str | PathLike): The log's folder.
-        columns (Sequence[str], optional): Only these columns (reading less is faster).
+        columns (Sequence[str], optional): Only these columns (reading less is faster);
+            each must be a column of the log.
         ranks (Iterable[int], optional): Only these ranks' files.
         progress (bool): A progress bar over the files (tqdm).
 
@@ -225,9 +245,15 @@ def read_log(path: str | os.PathLike[str], *, columns: Sequence[str] | None = No
 
     Raises:
         LogError: The folder holds no log, or a file is damaged (named).
+        SettingError: A column of ``columns`` is not in the log (the message lists its
+            columns).
+        SettingTypeError: ``columns`` is a str, not a list of them.
     """
     import pyarrow as pa
 
+    if isinstance(columns, str):
+        raise SettingTypeError(f'columns={columns!r} must be a list of column names, e.g. '
+                               f'[{columns!r}]')
     files = log_files(path)
     if ranks is not None:
         wanted = set(ranks)

@@ -597,6 +597,18 @@ def test_damaged_files_raise_a_log_error_naming_the_file(tmp_path):
     with pytest.raises(LogError, match=re.escape(damaged.name)):
         SelectionLog(tmp_path / 'log').load_state_dict(state)
     damaged.unlink()
+    # A column that is not in the log is the caller's mistake: the files are not blamed.
+    with pytest.raises(SettingError, match=r"\['sampel_id'\] are not columns.*'sample_id'"):
+        read_log(tmp_path / 'log', columns=['sampel_id'])
+    with pytest.raises(SettingTypeError, match='list of column names'):
+        read_log(tmp_path / 'log', columns='sample_id')
+    assert read_log(tmp_path / 'log', columns=['sample_id']).column_names == ['sample_id']
+    table = pq.read_table(files[0].path)
+    for entry in (b'{"version": 1', b'[1]'):
+        pq.write_table(table.replace_schema_metadata({b'jest_stream.selection_log': entry}),
+                       files[0].path)
+        with pytest.raises(LogError, match=re.escape(str(files[0].path)) + '.*JSON object'):
+            read_log(tmp_path / 'log')
     pq.write_table(pa.table({'step': [1]}), files[0].path)
     with pytest.raises(LogError, match='not one a SelectionLog wrote'):
         read_log(tmp_path / 'log')
