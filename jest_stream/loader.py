@@ -91,7 +91,8 @@ class _LoaderPosition(IterableDataset):
 
 
 def _learner_device(scorer: Any) -> torch.device:
-    learner = getattr(scorer, 'learner', None)
+    # A proxy learner scores and learns where its own model is.
+    learner = getattr(scorer, 'learner', None) or getattr(scorer, 'proxy', None)
     if isinstance(learner, nn.Module):
         for param in learner.parameters():
             return param.device

@@ -13,12 +13,13 @@ import torch
 
 from jest_stream.errors import SettingError
 
-__all__ = ['derive_seed', 'derive_generator', 'SELECTION', 'SHUFFLE', 'POLICY']
+__all__ = ['derive_seed', 'derive_generator', 'SELECTION', 'SHUFFLE', 'POLICY', 'PROXY']
 
 # Purposes keep the streams of different consumers independent of each other.
 SELECTION = 1
 SHUFFLE = 2
 POLICY = 3  # the candidates a lower pressure considers, and the uniformly mixed rows
+PROXY = 4  # a proxy learner's random draws (dropout) while it learns
 
 
 def derive_seed(seed: int, *keys: int) -> int:

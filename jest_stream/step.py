@@ -46,7 +46,7 @@ from jest_stream.config import SelectionConfig
 from jest_stream.errors import DataError, SettingError
 from jest_stream.policies import Plan, Quota
 from jest_stream.quotas import GroupQuota, proportional_counts, share_bounds
-from jest_stream.randomness import POLICY, SELECTION, derive_generator
+from jest_stream.randomness import POLICY, PROXY, SELECTION, derive_generator, derive_seed
 from jest_stream.scores import PerExampleScores
 from jest_stream.scoring.base import LearningScorer
 from jest_stream.scoring.checks import as_batch_scores
@@ -360,7 +360,8 @@ class SelectionStep:
             candidates, n_candidates, n_select, plan, groups,
             derive_generator(config.seed, SELECTION, epoch, index), policy_generator)
         select_s = time.perf_counter() - start
-        learn_s, proxy_flops = self._learn(batch, sample_ids, selected)
+        learn_s, proxy_flops = self._learn(batch, sample_ids, selected,
+                                           derive_seed(config.seed, PROXY, epoch, index))
         selection = Selection(
             selected=selected.to(torch.long), scores=None, n_candidates=n_candidates,
             candidates=rows, candidate_ids=self.scope.align(sample_ids),
@@ -372,7 +373,7 @@ class SelectionStep:
         self._describe(selection, candidates, plan, n_select, constraint)
         return selection
 
-    def _learn(self, batch: Batch, sample_ids: Tensor, selected: Tensor
+    def _learn(self, batch: Batch, sample_ids: Tensor, selected: Tensor, seed: int
                ) -> tuple[float, int | None]:
         """A scorer with a model of its own (a proxy learner) learns from what it selected,
         where it scores; the seconds it took and its FLOPs (when counted)."""
@@ -380,7 +381,7 @@ class SelectionStep:
             return 0.0, None
         start = time.perf_counter()
         flops = self.scorer.learn(batch, sample_ids, selected,
-                                  count_flops=self.config.count_flops)
+                                  count_flops=self.config.count_flops, seed=seed)
         return time.perf_counter() - start, flops
 
     def _choose_rows(self, scores: BatchScores | None, n_candidates: int, n_select: int,

@@ -26,9 +26,11 @@ def _tensors(n: int = 400) -> TensorDataset:
     return TensorDataset(torch.from_numpy(x), torch.from_numpy(y))
 
 
-def _proxy_scorer(seed: int = 3) -> ProxyScorer:
-    inner = ClassificationScorer(tiny_classifier(seed), tiny_classifier(1), input_key=0,
-                                 target_key=1)
+def _proxy_scorer(seed: int = 3, dropout: float = 0.0) -> ProxyScorer:
+    proxy = tiny_classifier(seed)
+    if dropout:  # draws from torch's global generator while the proxy learns
+        proxy = torch.nn.Sequential(torch.nn.Dropout(dropout), proxy)
+    inner = ClassificationScorer(proxy, tiny_classifier(1), input_key=0, target_key=1)
     return ProxyScorer(inner, optimizer=functools.partial(torch.optim.SGD, lr=0.5))
 
 
@@ -57,17 +59,19 @@ def test_the_proxy_learns_from_what_it_selects():
     assert metrics['proxy_flops'] > 0 and metrics['score_flops'] > metrics['proxy_flops']
 
 
+@pytest.mark.parametrize('dropout', [0.0, 0.5])
 @pytest.mark.parametrize('scoring', ['inline', 'process'])
-def test_resumption_restores_the_proxy_exactly(scoring):
-    with _loader(_proxy_scorer(), scoring=scoring) as loader:
+def test_resumption_restores_the_proxy_exactly(scoring, dropout):
+    with _loader(_proxy_scorer(dropout=dropout), scoring=scoring) as loader:
         full = _run(loader, 16)
         final = loader.state_dict()['scorer']
-    with _loader(_proxy_scorer(), scoring=scoring) as first:
+    torch.rand(5)  # the global generator moves on between runs, as in any program
+    with _loader(_proxy_scorer(dropout=dropout), scoring=scoring) as first:
         before = _run(first, 7)
         state = first.state_dict()
     assert state['scorer']['updates'] == 7
     # A fresh proxy (other initial weights) takes the saved ones.
-    with _loader(_proxy_scorer(seed=9), scoring=scoring) as resumed:
+    with _loader(_proxy_scorer(seed=9, dropout=dropout), scoring=scoring) as resumed:
         resumed.load_state_dict(state)
         assert before + _run(resumed, 9) == full
         after = resumed.state_dict()['scorer']
@@ -76,18 +80,20 @@ def test_resumption_restores_the_proxy_exactly(scoring):
     assert after['updates'] == final['updates'] == 16
 
 
-def test_process_scoring_selects_as_inline_and_forgets_what_it_scored_ahead():
+@pytest.mark.parametrize('dropout', [0.0, 0.5])
+def test_process_scoring_selects_as_inline_and_forgets_what_it_scored_ahead(dropout):
     # The scorer process scores ahead (and so learns ahead); leaving an epoch early must
     # forget what it learned from super-batches never handed over, as inline scoring never
-    # saw them.
-    with _loader(_proxy_scorer()) as inline:
+    # saw them. With dropout, both draw the same masks from the super-batch's position.
+    with _loader(_proxy_scorer(dropout=dropout)) as inline:
         expected = _run(inline, 18, breaks=(3, 11))
-    with _loader(_proxy_scorer(), scoring='process', prefetch_depth=3) as process:
+    with _loader(_proxy_scorer(dropout=dropout), scoring='process',
+                 prefetch_depth=3) as process:
         assert _run(process, 18, breaks=(3, 11)) == expected
         # Closing brings what it learned back, so a new scorer process continues from it.
         process.close()
         more = _run(process, 2)
-    with _loader(_proxy_scorer()) as inline:
+    with _loader(_proxy_scorer(dropout=dropout)) as inline:
         assert _run(inline, 20, breaks=(3, 11, 18))[18:] == more
 
 

@@ -47,9 +47,11 @@ class LearningScorer(Protocol):
     """
 
     def learn(self, batch: Batch, sample_ids: Tensor, rows: Tensor, *,
-              count_flops: bool = False) -> int | None:
+              count_flops: bool = False, seed: int | None = None) -> int | None:
         """Learn from ``rows`` of the super-batch (the rows just selected); the FLOPs of it
-        when ``count_flops``."""
+        when ``count_flops``. ``seed`` seeds the random draws of this update (dropout); the
+        step derives it from the super-batch's position, so resumed runs and the scorer
+        process learn exactly as an uninterrupted inline run."""
 
     def state_dict(self) -> dict[str, Any]:
         """Its state (copies)."""

@@ -18,9 +18,10 @@ scoring FLOPs (``proxy_flops`` in the telemetry).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
 from typing import Any
 
@@ -107,7 +108,7 @@ class ProxyScorer:
         return self._optimizer
 
     def learn(self, batch: Batch, sample_ids: Tensor, rows: Tensor, *,
-              count_flops: bool = False) -> int | None:
+              count_flops: bool = False, seed: int | None = None) -> int | None:
         """Train the proxy on ``rows`` of the super-batch: the sub-batch just selected.
 
         Args:
@@ -115,6 +116,8 @@ class ProxyScorer:
             sample_ids (LongTensor[n]): Its sample ids.
             rows (LongTensor[b]): The selected rows.
             count_flops (bool): Count the FLOPs of the forward and backward passes.
+            seed (int, optional): Seed of the update's random draws (dropout), from the
+                super-batch's position; the caller's global generators are left as they were.
 
         Returns:
             int | None: The FLOPs of the training passes, when counted.
@@ -124,7 +127,8 @@ class ProxyScorer:
         self.proxy.train()
         counter = FlopCounterMode(display=False) if count_flops else None
         try:
-            with torch.enable_grad(), (counter if counter is not None else nullcontext()):
+            with torch.enable_grad(), (counter if counter is not None else nullcontext()), \
+                    _seeded(seed, _device_of(self.proxy)):
                 for _ in range(self.steps):
                     self.optimizer.zero_grad(set_to_none=True)
                     loss = self.scorer.training_loss(self.proxy, sub, ids)
@@ -159,3 +163,24 @@ class ProxyScorer:
         self.updates = int(state['updates'])
         self._optimizer = None
         self._pending = copy.deepcopy(state['optimizer'])
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@contextlib.contextmanager
+def _seeded(seed: int | None, device: torch.device) -> Iterator[None]:
+    """Dropout and other modules draw from torch's global generators, which a library may
+    not take over: fork them (restored on exit) and seed the fork."""
+    if seed is None:
+        yield
+        return
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] \
+        if device.type == 'cuda' else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.random.default_generator.manual_seed(seed)
+        if cuda:
+            with torch.cuda.device(cuda[0]):
+                torch.cuda.manual_seed(seed)
+        yield
