@@ -422,6 +422,40 @@ def test_state_dict_writes_every_row_and_a_resume_cuts_the_rows_after_it(tmp_pat
             _super_batch(40, 7), torch.arange(40), epoch=0, index=7)
 
 
+def test_a_resume_rotates_by_bytes_as_an_uninterrupted_run_does(tmp_path):
+    # Strings of 8 to 11 characters (some of them two bytes long in UTF-8): a file holds
+    # three or four steps of 40 rows.
+    config = SelectionConfig.create(batch_size=8, super_batch_size=40)
+
+    def steps(log, first, last):
+        step = SelectionStep(config, _scores, record=log.record)
+        for index in range(first, last):
+            names = [f'{"é" * (i % 3)}sample {40 * index + i}' for i in range(40)]
+            step({**_super_batch(40, index), 'name': names}, torch.arange(40) + 40 * index,
+                 epoch=0, index=index)
+
+    def log_at(name):
+        return SelectionLog(tmp_path / name, columns=['name'], max_bytes_per_file=10_000)
+
+    whole = log_at('whole')
+    steps(whole, 0, 12)
+    whole.close()
+    names = [f.path.name for f in log_files(tmp_path / 'whole')]
+    assert len(names) >= 3
+    for saved in range(1, 12):
+        killed = log_at(f'at{saved}')
+        steps(killed, 0, saved)
+        state = killed.state_dict()
+        steps(killed, saved, min(saved + 3, 12))  # logged after the checkpoint, then killed
+        killed.flush()
+        resumed = log_at(f'at{saved}')
+        resumed.load_state_dict(state)
+        steps(resumed, saved, 12)
+        resumed.close()
+        assert [f.path.name for f in log_files(tmp_path / f'at{saved}')] == names, saved
+        assert read_log(tmp_path / f'at{saved}').equals(read_log(tmp_path / 'whole'))
+
+
 def _files_of(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
