@@ -16,7 +16,9 @@ Measured side by side in one run, on a temporary pool of 28x28 uint8 images with
 2. The loader's demand: samples per second a ``SelectiveLoader`` draws (super-batches of
    320, sub-batches of 64, learnability, top-k, 2 workers) while a small CNN trains on
    what it selects, with the reference live (a second CNN scores every super-batch) and
-   from a loss cache that ``jest_stream.annotate.annotate`` wrote for that CNN.
+   from a loss cache that ``jest_stream.annotate.annotate`` wrote for that CNN: the medians
+   of interleaved rounds (``--rounds``), since one run of each on a shared machine
+   measures its load as much as the cache.
 3. Read throughput of each cache kind for the same sequence of super-batch ids the
    loader drew (streaming's shuffled order), from a fresh cache (every part read,
    checked and decompressed once) and again once its parts are held in memory.
@@ -169,8 +171,8 @@ def read_throughput(path: Path, dataset: Path, order: list[torch.Tensor]) -> dic
     return figures
 
 
-def _measure(root: Path, samples: int, part_size: int, steps: int, workers: int
-             ) -> dict[str, Any]:
+def _measure(root: Path, samples: int, part_size: int, steps: int, workers: int,
+             n_rounds: int) -> dict[str, Any]:
     pool = write_pool(root / 'pool', samples)
     record: dict[str, Any] = {'sizes': cache_sizes(root / 'sizes', pool, samples,
                                                    part_size=part_size)}
@@ -181,13 +183,24 @@ def _measure(root: Path, samples: int, part_size: int, steps: int, workers: int
     record['annotate_samples_per_s'] = samples / annotated.seconds
     record['annotated_loss_disk_bytes_per_sample'] = _folder_bytes(root / 'reference') / samples
     warmup = 2
-    live, _ = loader_demand(pool, reference, batches=steps, warmup=warmup, seed=0,
-                            workers=workers)
     cache = ReferenceCache(root / 'reference', dataset=pool,
                            model_checksum=model_checksum(reference), transform='benchmark')
-    cached, order = loader_demand(pool, cache, batches=steps, warmup=warmup, seed=0,
-                                  workers=workers)
-    record['loader'] = {'live_reference': live, 'cached_reference': cached}
+    # Interleaved rounds (the order alternates), medians: one run of each setting on a shared
+    # machine measures the machine's load as much as the cache.
+    settings = {'live_reference': reference, 'cached_reference': cache}
+    rounds: dict[str, list[dict[str, float]]] = {name: [] for name in settings}
+    for round_index in range(n_rounds):
+        names = list(settings) if round_index % 2 == 0 else list(settings)[::-1]
+        for name in names:
+            figures, ids = loader_demand(pool, settings[name], batches=steps, warmup=warmup,
+                                         seed=0, workers=workers)
+            rounds[name].append(figures)
+            if name == 'cached_reference':
+                order = ids
+    record['loader'] = {name: {key: float(np.median([r[key] for r in runs])) for key in runs[0]}
+                        for name, runs in rounds.items()}
+    record['loader_rounds'] = rounds
+    cached = record['loader']['cached_reference']
     order = order[warmup:warmup + steps]
     record['reads'] = {}
     for kind in KINDS:
@@ -209,14 +222,17 @@ def _print(record: dict[str, Any]) -> None:
           f'bytes per sample on disk')
     print(f'\nAnnotation (SmallCNN, {config["workers"]} workers): '
           f'{record["annotate_samples_per_s"]:,.0f} samples/s')
-    print('\nLoader demand (B=320, b=64, learnability top-k, training step included)')
+    print(f'\nLoader demand (B=320, b=64, learnability top-k, training step included; '
+          f'medians of {config["rounds"]} interleaved rounds)')
     loader = record['loader']
     for label, figures in loader.items():
         print(f'  {label:<17} {figures["drawn_samples_per_s"]:>8,.0f} samples/s drawn, '
               f'{figures["score_s_per_super_batch"] * 1e3:.1f} ms scoring per super-batch')
     cached, live = (loader[k]['drawn_samples_per_s']
                     for k in ('cached_reference', 'live_reference'))
-    print(f'  the cache makes the loader draw {cached / live:.2f}x as fast')
+    scoring = [loader[k]['score_s_per_super_batch'] for k in ('live_reference', 'cached_reference')]
+    print(f'  the cache makes the loader draw {cached / live:.2f}x as fast, and scoring '
+          f'{scoring[0] / scoring[1]:.2f}x as fast')
     print(f'\nCache reads in the loader\'s order ({record["super_batches_read"]} super-batches '
           f'of 320)')
     print('  kind        cold samples/s   warm samples/s   cold / loader demand')
@@ -263,15 +279,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument('--steps', type=int, default=None,
                         help='timed loader steps per setting (default 20)')
     parser.add_argument('--workers', type=int, default=2, help='DataLoader workers')
+    parser.add_argument('--rounds', type=int, default=None,
+                        help='interleaved rounds of the loader with a live and a cached '
+                             'reference, medians reported (default 3; --quick: 1)')
     args = parser.parse_args(argv)
     defaults = (4096, 2048, 10) if args.quick else (16384, 8192, 20)
     config = {'samples': args.samples or defaults[0], 'part_size': args.part_size or defaults[1],
               'steps': args.steps or defaults[2], 'workers': args.workers,
-              'quick': bool(args.quick)}
+              'rounds': args.rounds or (1 if args.quick else 3), 'quick': bool(args.quick)}
     run = report.start_run('reference_cache', argv)
     with tempfile.TemporaryDirectory(prefix='jest-stream-cache-bench-') as tmp:
         record = {'config': config, **_measure(Path(tmp), config['samples'], config['part_size'],
-                                               config['steps'], config['workers'])}
+                                               config['steps'], config['workers'],
+                                               config['rounds'])}
     record['run'] = report.finish_run(run)
     _print(record)
     report.write_report(record, *report.report_paths(args.out, 'reference_cache', args.quick),
