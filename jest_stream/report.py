@@ -262,16 +262,18 @@ def flagged_fraction(table: Any, column: str, *, window: int) -> dict[str, Any]:
     candidate, selected = _array(table, 'candidate'), _array(table, 'selected')
     starts, rows = _windows(table, window)
 
-    def share(mask: np.ndarray) -> float | None:
-        return float(flags[mask].mean()) if mask.any() else None
+    def share(rows: np.ndarray) -> float | None:
+        """The flagged share of the log's rows ``rows`` (indices); None when there are none."""
+        return float(flags[rows].mean()) if len(rows) else None
 
-    overall_selected, overall_candidates = share(selected), share(candidate)
+    overall_selected = share(np.flatnonzero(selected))
+    overall_candidates = share(np.flatnonzero(candidate))
     ratio = None if not overall_candidates or overall_selected is None \
         else overall_selected / overall_candidates
     return {
         'column': column, 'step': starts.tolist(),
-        'selected': [share(r[selected[r]]) if selected[r].any() else None for r in rows],
-        'candidates': [share(r[candidate[r]]) if candidate[r].any() else None for r in rows],
+        'selected': [share(r[selected[r]]) for r in rows],
+        'candidates': [share(r[candidate[r]]) for r in rows],
         'overall': {'selected': overall_selected, 'candidates': overall_candidates},
         'kept_ratio': ratio,
     }

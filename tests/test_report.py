@@ -19,7 +19,9 @@ from jest_stream import (
     ClassificationScorer,
     SampleIdStreamingDataset,
     SampleSubset,
+    SelectionConfig,
     SelectionLog,
+    SelectionStep,
     SelectiveLoader,
     SettingError,
     read_ids,
@@ -40,6 +42,7 @@ from jest_stream.report import (
     summarise,
     write_report,
 )
+from jest_stream.scores import PerExampleScores
 
 # Four samples drawn at each of four steps. Sample 0 is selected every time, 1 and 2 twice,
 # 3 never (and is no candidate at step 3); 0 and 1 have label 0, 2 label 1, 3 label 2;
@@ -109,6 +112,38 @@ def test_summaries_of_a_log_with_known_answers():
     assert selection_rates(table.to_pandas())['rate'].tolist() == [1.0, 0.5, 0.5, 0.0]
     with pytest.raises(SettingError, match="'colour' is not a column"):
         build_report(table, groups=['colour'])
+
+
+def _stored_scores(batch, ids, criterion):
+    """Scores stored in the super-batch's ``s`` column."""
+    return PerExampleScores(batch['s'])
+
+
+def _step_log(folder, scores: list[list[float]], noisy: list[list[bool]], *,
+              batch_size: int = 1) -> pa.Table:
+    """A log written by SelectionLog through SelectionStep: top-k of the given scores."""
+    n = len(scores[0])
+    config = SelectionConfig.create(batch_size=batch_size, super_batch_size=n, method='topk')
+    with SelectionLog(folder, columns=['noisy']) as log:
+        step = SelectionStep(config, _stored_scores, record=log.record)
+        for index, (s, flags) in enumerate(zip(scores, noisy, strict=True)):
+            batch = {'s': torch.tensor(s), 'noisy': torch.tensor(flags)}
+            step(batch, torch.arange(n * index, n * (index + 1)), epoch=0, index=index)
+    return read_log(folder)
+
+
+def test_flagged_fraction_of_a_window_whose_only_selected_row_is_the_first(tmp_path):
+    # Step 0 selects row 0 of the log, the only flagged one; step 1 selects an unflagged row.
+    table = _step_log(tmp_path / 'log', [[3.0, 0.0, 1.0, 2.0], [0.0, 1.0, 3.0, 2.0]],
+                      [[True, False, False, False], [False, False, False, False]])
+    assert np.flatnonzero(table.column('selected').to_numpy()).tolist() == [0, 6]
+    flagged = flagged_fraction(table, 'noisy', window=1)
+    assert flagged['selected'] == [1.0, 0.0]
+    assert flagged['candidates'] == [0.25, 0.0]
+    assert flagged['overall'] == {'selected': 0.5, 'candidates': 0.125}
+    assert flagged['kept_ratio'] == 4.0
+    whole = flagged_fraction(table, 'noisy', window=2)
+    assert whole['selected'] == [0.5] and whole['candidates'] == [0.125]
 
 
 def test_export_ranks_by_selection_rate_then_count_then_id():
