@@ -26,14 +26,17 @@ final accuracy), on the mean curve over seeds and per seed:
   (a proxy learner's training); the same with a live reference forward is beside it;
 - ``speedup_wall``: uniform's training seconds over the method's seconds to the target,
   measured in the same run, evaluation excluded; each step's seconds are split into the
-  trainer's work and the loader's wait, transfer, scoring and selection.
+  trainer's work and the loader's wait, transfer, scoring and selection. Beside it,
+  ``speedup_wall_normalised`` counts each run's seconds in its own mean training steps,
+  which cancels a machine load that slows a run evenly.
 
 Methods are entries of :data:`METHODS`; a new scorer or a peer baseline is one
 :class:`Method` plus, at most, a small function (see its docstring). Results go to
 ``benchmarks/results/learning_efficiency/``: ``learning_efficiency.json`` and ``.png``
 (accuracy against steps, FLOPs and seconds), or ``learning_efficiency_quick.*``; the JSON
-is rewritten after every finished run, so an interrupted run leaves usable results, and
-``--resume`` continues one. ``benchmarks.demo`` and ``benchmarks.contrastive`` are presets
+is rewritten after every finished run, so an interrupted run leaves usable results,
+``--resume`` continues one, and ``--replot`` summarises a results file again and redraws its
+plot. ``benchmarks.demo`` and ``benchmarks.contrastive`` are presets
 of this benchmark.
 """
 
@@ -95,6 +98,7 @@ __all__ = [
     'QUICK',
     'SCHEMA',
     'adaptive_policy',
+    'config_from_record',
     'configuration_flops',
     'equal_compute',
     'flops_curve',
@@ -115,7 +119,7 @@ SCHEMA = 'jest_stream.learning_efficiency/3'
 COLOURS = {'uniform': 'tab:gray', 'hard_learner': 'tab:red', 'easy_reference': 'tab:orange',
            'learnability': 'tab:blue', 'independent': 'tab:orange', 'joint': 'tab:blue',
            'flexi_joint': 'tab:purple', 'proxy': 'tab:cyan', 'recommended': 'tab:green',
-           'adaptive': 'tab:olive', 'rho_loss': 'tab:brown', 'sb_default': 'tab:pink',
+           'adaptive': 'goldenrod', 'rho_loss': 'tab:brown', 'sb_default': 'tab:pink',
            'sb_suggested': 'magenta', 'rs2': 'black', 'uniform_compute': 'silver'}
 
 # Methods
@@ -670,13 +674,25 @@ def _summarise_method(mine: list[dict[str, Any]], uniform: dict[int, dict[str, A
                 'seconds': float(np.mean([u['train_seconds'] for u in uniform.values()]))}
     index = _reach_index(steps, mean, target)
     on_mean = _speedups(index, steps, flops, seconds, baseline)
+    # The same seconds in units of the run's own training step (the trainer's forward,
+    # backward and optimizer step on b examples: the same work for every method but Flexi's),
+    # which cancels the load of a shared machine as it was during each run.
+    in_steps = np.asarray([np.asarray(r['seconds']) / _train_step_s(r) for r in mine]).mean(0)
+    uniform_in_steps = float(np.mean([u['train_seconds'] / _train_step_s(u)
+                                      for u in uniform.values()]))
+    normalised = (uniform_in_steps / in_steps[index]
+                  if index is not None and in_steps[index] > 0 else None)
     per_seed = {}
     for run in mine:
         own = uniform[run['seed']]
         own_target = own['accuracy'][-1]
+        reached = _reach_index(steps, run['accuracy'], own_target)
         per_seed[str(run['seed'])] = {'target_accuracy': own_target, **_speedups(
-            _reach_index(steps, run['accuracy'], own_target), steps, flops_curve(run, costs),
-            run['seconds'], {**baseline, 'seconds': own['train_seconds']})}
+            reached, steps, flops_curve(run, costs), run['seconds'],
+            {**baseline, 'seconds': own['train_seconds']}),
+            'speedup_wall_normalised': None if reached is None or run['seconds'][reached] <= 0
+            else (own['train_seconds'] / _train_step_s(own))
+            / (run['seconds'][reached] / _train_step_s(run))}
     finals = curves[:, -1]
     return {
         'seeds': [r['seed'] for r in mine], 'steps': steps,
@@ -685,7 +701,7 @@ def _summarise_method(mine: list[dict[str, Any]], uniform: dict[int, dict[str, A
         'final_accuracy_mean': float(mean[-1]), 'final_accuracy_std': float(std[-1]),
         'final_below_uniform': sum(int(final < uniform[r['seed']]['accuracy'][-1])
                                    for final, r in zip(finals, mine, strict=True)),
-        **on_mean, 'first_checkpoint': index == 1,
+        **on_mean, 'first_checkpoint': index == 1, 'speedup_wall_normalised': normalised,
         'speedup_flops_live_reference': (baseline['flops'] / float(live[index])
                                          if index is not None and live[index] > 0 else None),
         'flops_per_step': costs['per_step'],
@@ -693,7 +709,7 @@ def _summarise_method(mine: list[dict[str, Any]], uniform: dict[int, dict[str, A
         'flops_total': float(flops[-1]),
         'per_seed': per_seed,
         'per_seed_speedups': {key: stats.summary([s[f'speedup_{key}'] for s in per_seed.values()])
-                              for key in ('steps', 'flops', 'wall')},
+                              for key in ('steps', 'flops', 'wall', 'wall_normalised')},
         'step_costs': {key: float(np.mean([r['step_costs'][key] for r in mine]))
                        for key in STEP_COSTS},
         'seconds_per_step_mean': float(np.mean([r['seconds_per_step'] for r in mine])),
@@ -701,6 +717,11 @@ def _summarise_method(mine: list[dict[str, Any]], uniform: dict[int, dict[str, A
         'noisy_fraction_mean': float(np.mean([r['noisy_fraction_overall'] for r in mine])),
         'pressure_mean': _mean_curve([r['pressure'] for r in mine]),
     }
+
+
+def _train_step_s(run: dict[str, Any]) -> float:
+    """The run's mean seconds of the trainer's own work per step."""
+    return max(run['step_costs']['train_s'], 1e-9)
 
 
 def _mean_curve(curves: list[list[float | None]]) -> list[float | None]:
@@ -795,7 +816,8 @@ def format_table(results: dict[str, Any]) -> str:
                 f'{results["tasks"][task]["reference_accuracy"]:.4f}')
             lines.append(f'  {"method":<16} {"final acc":>15} {"steps→":>6} '
                          f'{"speed-up: steps [per seed]":>27} {"FLOPs [per seed]":>25} '
-                         f'{"wall [per seed]":>25} | ms/step: {"train":>6} {"score":>6} '
+                         f'{"wall [per seed]":>25} {"w/step":>6} | ms/step: {"train":>6} '
+                         f'{"score":>6} '
                          f'{"select":>6} {"wait":>6} {"other":>6} | {"read":>4} {"noisy":>5}')
             for name, m in entry['methods'].items():
                 cost = m['step_costs']
@@ -806,7 +828,8 @@ def format_table(results: dict[str, Any]) -> str:
                     f' {_cell(m["steps_to_target"], "d"):>6} '
                     f'{_speedup_cell(m, "steps", name == "uniform"):>27} '
                     f'{_speedup_cell(m, "flops", name == "uniform"):>25} '
-                    f'{_speedup_cell(m, "wall", name == "uniform"):>25} |'
+                    f'{_speedup_cell(m, "wall", name == "uniform"):>25} '
+                    f'{_cell(m.get("speedup_wall_normalised"), ".2f"):>6} |'
                     f'          {1e3 * cost["train_s"]:6.1f} {1e3 * cost["score_s"]:6.1f} '
                     f'{1e3 * cost["select_s"]:6.1f} {1e3 * cost["wait_s"]:6.1f} '
                     f'{1e3 * (cost["other_s"] + cost["transfer_s"]):6.1f} | '
@@ -828,11 +851,13 @@ def format_table(results: dict[str, Any]) -> str:
         'steps), FLOPs (training + scoring with stored reference outputs + selection + extra '
         'work, in proportion to the candidates each step scored), wall (training seconds, '
         'evaluation excluded), on the mean curve, then [mean±std over the seeds that reach '
-        'their own uniform final, count/seeds]. ms/step: the trainer\'s forward, backward and '
-        'optimizer step; the loader\'s scoring (a proxy\'s training included), selection and '
-        'wait for data; other: transfer and hand-over. read: examples read per step (uniform '
-        'reads only what it trains on). noisy: corrupted labels / mismatched captions among '
-        'the examples trained on.')
+        'their own uniform final, count/seeds]; w/step: the wall-clock speed-up with each '
+        'run\'s seconds counted in its own training steps (cancels the machine\'s load during '
+        'the run; understates Flexi, whose training steps are cheaper). ms/step: the '
+        'trainer\'s forward, backward and optimizer step; the loader\'s scoring (a proxy\'s '
+        'training included), selection and wait for data; other: transfer and hand-over. '
+        'read: examples read per step (uniform reads only what it trains on). noisy: '
+        'corrupted labels / mismatched captions among the examples trained on.')
     return '\n'.join(lines)
 
 
@@ -855,13 +880,15 @@ def format_verdicts(results: dict[str, Any]) -> list[str]:
                     reached = (f'did not reach uniform\'s final accuracy '
                                f'{entry["target_accuracy"]:.4f} in {m["steps"][-1]} steps')
                 else:
-                    wall = m['speedup_wall']
+                    wall, normalised = m['speedup_wall'], m.get('speedup_wall_normalised')
                     reached = (
                         f'reached uniform\'s final accuracy {entry["target_accuracy"]:.4f} in '
                         f'{_times(m["speedup_steps"], "fewer", "more")} steps, with '
                         f'{_times(m["speedup_flops"], "fewer", "more")} FLOPs, and '
                         + ('at once' if wall is None else _times(wall, 'sooner', 'later'))
-                        + ' in wall-clock time')
+                        + ' in wall-clock time' + ('' if normalised is None else
+                                                   f' ({_times(normalised, "sooner", "later")} '
+                                                   f'counted in training steps)'))
                 lines.append(
                     f'{name} ({task}, f={ratio}) {reached}. A step cost {step:.1f} ms '
                     f'({step / base:.1f}x uniform\'s {base:.1f} ms): train {cost["train_s"]:.1f}, '
@@ -930,6 +957,29 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
 
 # Driver
+
+
+def config_from_record(record: dict[str, Any]) -> Config:
+    """The :class:`Config` a results file was written with.
+
+    Args:
+        record (dict): The file's ``config`` as JSON reads it (lists where the settings hold
+            tuples).
+
+    Returns:
+        Config: Equal to the one the run was given.
+
+    Raises:
+        TypeError: ``record`` names a setting :class:`Config` does not have.
+    """
+    values = dict(record)
+    for key in ('tasks', 'methods', 'ratios', 'seeds'):
+        if values.get(key) is not None:
+            values[key] = tuple(values[key])
+    if values.get('ratio_methods') is not None:
+        values['ratio_methods'] = tuple((ratio, tuple(names))
+                                        for ratio, names in values['ratio_methods'])
+    return Config(**values)
 
 
 def _prepare_tasks(config: Config, progress: bool) -> tuple[dict[str, TaskSetup], int]:
@@ -1116,8 +1166,8 @@ def build_parser(name: str, preset: Config, quick: Config, description: str
                              f'{preset.reference_steps}; --quick: {quick.reference_steps})')
     parser.add_argument('--data-dir', type=Path, default=None)
     parser.add_argument('--replot', action='store_true',
-                        help='only redraw the plot and print the table of the existing results '
-                             'file of this configuration (finished or not)')
+                        help='only summarise again, redraw the plot and print the table of the '
+                             'existing results file of this configuration (finished or not)')
     parser.add_argument('--clean-shm', action='store_true',
                         help="run streaming's clean_stale_shared_memory() first: it unlinks the "
                              'streaming segments of every process on the machine, so use it only '
@@ -1190,10 +1240,16 @@ def main(argv: Sequence[str] | None = None, *, name: str = 'learning_efficiency'
             print(f'{json_path} was written by another version of this benchmark '
                   f'({results.get("schema")!r}, not {SCHEMA!r}): run it again')
             return 1
+        results['summary'] = summarise(results['runs'], results['flops'],
+                                       config_from_record(results['config']))
+        report.write_record(json_path, results)
         plot(results, png_path)
         print(format_table(results))
-        print(f'\n{len(results["runs"])} runs, complete: {results["complete"]}; redrew '
-              f'{png_path.name}')
+        print('')
+        for line in format_verdicts(results):
+            print(line)
+        print(f'\n{len(results["runs"])} runs, complete: {results["complete"]}; summarised '
+              f'again and redrew {png_path.name}')
         return 0
     print(intro(config) if intro else describe(config), flush=True)
     run_benchmark(config, args.out, name=name, resume=args.resume, clean_shm=args.clean_shm,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -49,9 +49,12 @@ from benchmarks.common.training import train_on_arrays, zero_shot_accuracy
 from benchmarks.learning_efficiency import (
     FULL,
     METHODS,
+    QUICK,
     Config,
     Method,
     adaptive_policy,
+    config_from_record,
+    main,
     parse_args,
     recommended_policy,
     run_benchmark,
@@ -152,7 +155,7 @@ def test_training_on_arrays_lowers_the_loss_and_refuses_ragged_columns() -> None
 
 
 def _run(method: str, seed: int, accuracy: list[float], seconds: list[float],
-         scored: list[int] | None = None) -> dict:
+         scored: list[int] | None = None, train_s: float = 0.001) -> dict:
     steps = [0, 10, 20, 30, 40]
     if scored is None:
         scored = [0] * 5 if method == 'uniform' else [160 * s for s in steps]
@@ -162,8 +165,8 @@ def _run(method: str, seed: int, accuracy: list[float], seconds: list[float],
             'seconds_per_step': seconds[-1] / 40,
             'drawn_per_step': 32 if method == 'uniform' else 160,
             'noisy_fraction_overall': 0.1,
-            'step_costs': {key: 0.001 for key in ('train_s', 'score_s', 'select_s', 'wait_s',
-                                                  'transfer_s', 'other_s')}}
+            'step_costs': {'train_s': train_s, **{key: 0.001 for key in (
+                'score_s', 'select_s', 'wait_s', 'transfer_s', 'other_s')}}}
 
 
 def test_summary_counts_steps_flops_and_seconds_to_uniform_final_accuracy() -> None:
@@ -219,6 +222,52 @@ def test_summary_counts_steps_flops_and_seconds_to_uniform_final_accuracy() -> N
     # Uniform at equal compute gets the FLOPs of the best of jest_stream's methods.
     assert entry['equal_compute'] == {'method': 'learnability', 'flops': 40 * 300,
                                       'steps': 120}
+
+
+def test_wall_clock_in_training_steps_cancels_a_load_that_slows_a_run_evenly() -> None:
+    config = Config(tasks=('classification',), ratios=(0.8,), seeds=(0, 1), steps=40,
+                    eval_every=10)
+    flops = {'classification': {'0.8': {
+        name: {'train': 100, 'scoring': 200 * (name != 'uniform'), 'drawn': 160,
+               'per_step': 100 + 200 * (name != 'uniform'), 'reference_forward': 0,
+               'per_step_live_reference': 100 + 200 * (name != 'uniform')}
+        for name in ('uniform', 'learnability')}}}
+    uniform = [_run('uniform', seed, [0.1, 0.3, 0.4, 0.5, 0.6], [0.0, 1.0, 2.0, 3.0, 4.0])
+               for seed in (0, 1)]
+
+    def learnability(load: float) -> dict:
+        # The same runs on a machine `load` times as busy: every part of a step slower.
+        runs = [_run('learnability', seed, accuracy, [load * s for s in (0, 3, 6, 9, 12)],
+                     train_s=load * 0.001)
+                for seed, accuracy in ((0, [0.1, 0.5, 0.6, 0.7, 0.7]),
+                                       (1, [0.1, 0.4, 0.55, 0.7, 0.7]))]
+        return summarise(uniform + runs, flops, config)['classification']['0.8'][
+            'methods']['learnability']
+
+    idle, busy = learnability(1.0), learnability(2.0)
+    # Reached at step 30 after 9 s (18 s when busy) against uniform's 4 s for the budget.
+    assert idle['speedup_wall'] == pytest.approx(4 / 9)
+    assert busy['speedup_wall'] == pytest.approx(4 / 18)
+    assert idle['speedup_wall_normalised'] == pytest.approx(4 / 9)
+    assert busy['speedup_wall_normalised'] == pytest.approx(4 / 9)
+    # Per seed against the seed's own uniform run: seed 0 reaches 0.6 at step 20.
+    assert busy['per_seed']['0']['speedup_wall'] == pytest.approx(4 / 12)
+    assert busy['per_seed']['0']['speedup_wall_normalised'] == pytest.approx(4 / 6)
+    spread = busy['per_seed_speedups']['wall_normalised']
+    assert spread['n'] == 2 and spread['mean'] == pytest.approx((4 / 6 + 4 / 9) / 2)
+    # A run that never reaches the target has no speed-up, normalised or not.
+    never = summarise(uniform + [_run('learnability', 0, [0.1] * 5, [0, 3, 6, 9, 12])],
+                      flops, config)['classification']['0.8']['methods']['learnability']
+    assert never['speedup_wall_normalised'] is None
+    assert never['per_seed']['0']['speedup_wall_normalised'] is None
+
+
+def test_config_from_record_reads_back_the_settings_a_results_file_holds() -> None:
+    for config in (FULL, QUICK, Config(methods=('learnability',), seeds=(3,), limit=600)):
+        record = json.loads(json.dumps(asdict(config)))
+        assert config_from_record(record) == config
+    with pytest.raises(TypeError, match='not_a_setting'):
+        config_from_record({**asdict(QUICK), 'not_a_setting': 1})
 
 
 def test_presets_share_the_benchmark_and_its_options() -> None:
@@ -364,7 +413,8 @@ def _hooked_methods(calls: list[int]) -> dict[str, Method]:
 
 
 @needs_fashion_mnist
-def test_smoke_run_on_a_tiny_pool(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_smoke_run_on_a_tiny_pool(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                  capsys: pytest.CaptureFixture[str]) -> None:
     calls: list[int] = []
     for name, method in _hooked_methods(calls).items():
         monkeypatch.setitem(METHODS['classification'], name, method)
@@ -439,6 +489,24 @@ def test_smoke_run_on_a_tiny_pool(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     # The captioned pool holds, row for row, the captions the reference was annotated on.
     pool = read_columns(tmp_path / 'fm-captions' / 'pool', ['text', 'label'])
     np.testing.assert_array_equal(pool['text'], pool_captions(pool['label'], 0))
+
+    # --replot summarises the runs of the file again and redraws the plot; it trains nothing
+    # and keeps the record of the run that measured them.
+    json_path, png_path = out / 'learning_efficiency.json', out / 'learning_efficiency.png'
+    json_path.write_text(json.dumps({**saved, 'summary': {}}))
+    png_path.unlink()
+    capsys.readouterr()
+    assert main(['--replot', '--out', str(out)]) == 0
+    replotted = json.loads(json_path.read_text())
+    assert replotted['summary'] == saved['summary'] and replotted['run'] == saved['run']
+    assert replotted['runs'] == saved['runs'] and png_path.stat().st_size > 0
+    printed = capsys.readouterr().out
+    assert 'summarised again' in printed and 'counted in training steps' in printed
+    assert len(calls) == 4
+    json_path.write_text(json.dumps({**saved, 'schema': 'jest_stream.learning_efficiency/1'}))
+    assert main(['--replot', '--out', str(out)]) == 1
+    assert 'another version' in capsys.readouterr().out
+    json_path.write_text(json.dumps(saved))
 
     # A resumed run keeps every finished run and trains nothing more; one with fewer methods
     # keeps theirs.
