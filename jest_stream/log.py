@@ -757,16 +757,20 @@ class SelectionLog:
         if self._names is None:
             self._names = names
         elif names != self._names:
-            raise LogError(
-                f'{self.path / _file_name(self.rank, self._first_step)}: the log there has the '
-                f'columns {self._names} but this SelectionLog writes {names}; resume with the '
-                f'same columns and streams, or log to a new folder')
+            raise self._other_columns(str(self._names), str(names))
         for name in self.columns:
             kind = 'string' if rows[name].dtype == object else str(rows[name].dtype)
             known = self._kinds.setdefault(name, kind)
             if kind != known:
                 raise DataError(f'the logged column {name!r} held {known} values and now holds '
                                 f'{kind}: a column must keep its type through the log')
+
+    def _other_columns(self, found: str, writes: str) -> LogError:
+        """The error of an open file (resumed) whose columns, or their types, differ from the
+        rows this log writes now."""
+        return LogError(f'{self.path / _file_name(self.rank, self._first_step)}: the log there '
+                        f'has the columns {found} but this SelectionLog writes {writes}; resume '
+                        f'with the same columns and streams, or log to a new folder')
 
     def _open_table(self) -> Any:
         """Every row of the open file in one table (the waiting rows joined to it)."""
@@ -775,11 +779,9 @@ class SelectionLog:
         if self._pending:
             new = _chunks_table(self._pending, self._names)
             if self._table is not None and not new.schema.equals(self._table.schema):
-                raise LogError(
-                    f'{self.path / _file_name(self.rank, self._first_step)}: the log there has '
-                    f'the columns {self._table.schema.names} ({self._table.schema.types}) but this '
-                    f'SelectionLog writes {new.schema.names} ({new.schema.types}); resume with the '
-                    f'same columns and streams, or log to a new folder')
+                old = self._table.schema
+                raise self._other_columns(f'{old.names} ({old.types})',
+                                          f'{new.schema.names} ({new.schema.types})')
             tables = [new] if self._table is None else [self._table, new]
             self._table = pa.concat_tables(tables).combine_chunks()
             self._pending = []

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from jest_stream.errors import JestStreamError, SettingError
-from jest_stream.log import as_table, read_log
+from jest_stream.log import FIXED_COLUMNS, as_table, read_log
 
 __all__ = [
     'ReportDependencyError',
@@ -43,10 +43,6 @@ __all__ = [
 #: The score columns of a log: the combined score and its two parts.
 SCORE_COLUMNS = ('score', 'learner', 'reference')
 QUANTILES = (0.1, 0.5, 0.9)
-# Columns a log always has; any other is a column the user logged (or ``stream``).
-_LOG_COLUMNS = frozenset({'step', 'epoch', 'index', 'rank', 'row', 'sample_id', 'candidate',
-                          'selected', 'order', 'score', 'learner', 'reference', 'weight',
-                          'n_candidates', 'pressure', 'mix', 'filter_ratio_now'})
 # A column with at most this many distinct values is a grouping (a class, a stream).
 MAX_GROUPS = 50
 
@@ -81,7 +77,7 @@ def detect_columns(table: Any) -> tuple[list[str], list[str]]:
     table = as_table(table)
     groups, flags = [], []
     for name in table.column_names:
-        if name in _LOG_COLUMNS:
+        if name in FIXED_COLUMNS:  # the log's own; any other was logged by the user, or stream
             continue
         values = _array(table, name)
         kind = values.dtype.kind

@@ -420,6 +420,15 @@ def test_state_dict_writes_every_row_and_a_resume_cuts_the_rows_after_it(tmp_pat
     with pytest.raises(LogError, match='resume with the same columns'):
         SelectionStep(config, _scores, record=other.record)(
             _super_batch(40, 7), torch.arange(40), epoch=0, index=7)
+    # The same names, but a column that now holds ints: refused when the open file is written.
+    retyped = SelectionLog(tmp_path / 'cut', max_rows_per_file=200, columns=['name'])
+    retyped.load_state_dict(state)
+    SelectionStep(config, _scores, record=retyped.record)(
+        {**_super_batch(40, 7), 'name': torch.arange(40)}, torch.arange(40), epoch=0, index=7)
+    with pytest.raises(LogError, match=r'selection-rank000-step000000000005\.parquet: .* '
+                                       r'resume with the same columns'):
+        retyped.flush()
+    retyped._pending = []  # the refused rows: nothing left to write at exit
 
 
 def test_a_resume_rotates_by_bytes_as_an_uninterrupted_run_does(tmp_path):

@@ -146,6 +146,15 @@ def test_flagged_fraction_of_a_window_whose_only_selected_row_is_the_first(tmp_p
     assert whole['selected'] == [0.5] and whole['candidates'] == [0.125]
 
 
+def test_the_logs_own_columns_are_never_reported_as_groups_or_flags(tmp_path, monkeypatch):
+    table = _step_log(tmp_path / 'log', [[3.0, 0.0, 1.0, 2.0]], [[True, False, True, False]])
+    assert detect_columns(table) == ([], ['noisy'])  # candidate, selected, rank... are not
+    # A column the log writes itself in a later version is the log's, not the user's.
+    table = table.append_column('drawn_before', pa.array(np.zeros(4, dtype=bool)))
+    monkeypatch.setitem(FIXED_COLUMNS, 'drawn_before', 'bool')
+    assert detect_columns(table) == ([], ['noisy'])
+
+
 def test_export_ranks_by_selection_rate_then_count_then_id():
     rates = selection_rates(_known_log())
     assert rates['sample_id'].tolist() == [0, 1, 2, 3]
