@@ -450,10 +450,7 @@ class SelectiveLoader(DataLoader):
         _check_state_fields(state)
         self._check_state_matches(state)
         self.source.check_dataset_state(state['dataset'])
-        self.policy.load_state_dict(state.get('policy', {}))
-        self._load_scorer_state(state.get('scorer'))
-        if self.selection_log is not None:
-            self.selection_log.load_state_dict(state.get('log') or {})
+        self._load_component_states(state)
         self._resume = (int(state['epoch']), int(state['super_batches']))
         self._epoch, self._consumed = self._resume
         steps = state.get('steps_before_epoch')
@@ -462,6 +459,24 @@ class SelectiveLoader(DataLoader):
         self._steps_before, self._handed_in_epoch = int(steps), self._resume[1]
         self._next_epoch = self._epoch
         self.source.load_dataset_state(state['dataset'])
+
+    def _load_component_states(self, state: Mapping[str, Any]) -> None:
+        """The policy's, the scorer's and the selection log's states, all or none: each checks
+        its own, so one that refuses puts back those loaded before it (the log, which may cut
+        files, goes last and checks everything before it deletes anything)."""
+        policy = self.policy.state_dict()
+        learns = isinstance(self.scorer, LearningScorer)
+        scorer = self.scorer.state_dict() if learns else None
+        try:
+            self.policy.load_state_dict(state.get('policy', {}))
+            self._load_scorer_state(state.get('scorer'))
+            if self.selection_log is not None:
+                self.selection_log.load_state_dict(state.get('log') or {})
+        except BaseException:
+            self.policy.load_state_dict(policy)
+            if learns:
+                self.scorer.load_state_dict(scorer)
+            raise
 
     def _check_state_matches(self, state: Mapping[str, Any]) -> None:
         source = state.get('source', _infer_source(state['dataset']))

@@ -227,21 +227,28 @@ class AdaptivePressure:
             del self._window_sums[old]
 
     def state_dict(self) -> dict[str, Any]:
+        """The multiplier and what decides its next change (plain Python values)."""
         return {'multiplier': self.multiplier, 'updated_to': self._updated_to,
                 'best': self._best, 'metrics': [list(m) for m in self._metrics],
                 'window_sums': {str(k): list(v) for k, v in self._window_sums.items()}}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        try:
-            self.multiplier = float(state['multiplier'])
-            self._updated_to = int(state['updated_to'])
-            self._best = None if state['best'] is None else float(state['best'])
-            self._metrics = [(int(s), float(v)) for s, v in state['metrics']]
-            self._window_sums = {int(k): [float(a), float(b)]
-                                 for k, (a, b) in state['window_sums'].items()}
+        """Restore :meth:`state_dict`: all of it, or nothing when it is not valid.
+
+        Raises:
+            StateError: A field is missing or of the wrong type.
+        """
+        try:  # parse all of it before anything changes
+            multiplier, updated_to = float(state['multiplier']), int(state['updated_to'])
+            best = None if state['best'] is None else float(state['best'])
+            metrics = [(int(s), float(v)) for s, v in state['metrics']]
+            window_sums = {int(k): [float(a), float(b)]
+                           for k, (a, b) in state['window_sums'].items()}
         except (KeyError, TypeError, ValueError) as error:
             raise StateError(f'the adaptive pressure state is not one this version saved: '
                              f'{error!r}') from None
+        self.multiplier, self._updated_to, self._best = multiplier, updated_to, best
+        self._metrics, self._window_sums = metrics, window_sums
 
 
 @dataclass(frozen=True)
@@ -379,9 +386,17 @@ class SelectionPolicy:
         self.adaptive.report(steps, value)
 
     def state_dict(self) -> dict[str, Any]:
+        """What the policy learned while training: its adaptive pressure's state (the rest
+        of it is settings, a function of progress)."""
         return {} if self.adaptive is None else {'adaptive': self.adaptive.state_dict()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`.
+
+        Raises:
+            StateError: The state is not a dict, or it was saved by a policy with (or without)
+                an adaptive pressure this one lacks (or has).
+        """
         if not isinstance(state, Mapping):
             raise StateError(f'the policy state must be a dict, got {type(state).__name__}')
         if self.adaptive is not None:

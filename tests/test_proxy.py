@@ -3,6 +3,7 @@ and resumes exactly, inline and in the scorer process."""
 
 from __future__ import annotations
 
+import copy
 import functools
 
 import pytest
@@ -113,3 +114,57 @@ def test_proxy_settings_and_states_are_checked():
         _loader(_proxy_scorer()).load_state_dict(_loader(plain).state_dict())
     with pytest.raises(TypeError, match='learner is the proxy model'):
         ProxyScorer(ClassificationScorer(None, tiny_classifier(1)))
+
+
+def _weights(scorer: ProxyScorer) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in scorer.proxy.parameters()]
+
+
+@pytest.fixture(scope='module')
+def trained_state():
+    with _loader(_proxy_scorer(), policy=_adaptive()) as trained:
+        _run(trained, 3)
+        return trained.state_dict()
+
+
+def _adaptive():
+    from jest_stream import AdaptivePressure, SelectionPolicy
+    return SelectionPolicy(adaptive=AdaptivePressure(window=1))
+
+
+@pytest.mark.parametrize('damage', ['no model', 'no updates', 'negative updates',
+                                    'bool updates', 'wrong shapes', 'other optimizer'])
+def test_a_damaged_proxy_state_is_refused_and_changes_nothing(trained_state, damage):
+    state = copy.deepcopy(trained_state)
+    scorer = state['scorer']
+    if damage == 'no model':
+        del scorer['model']
+    elif damage == 'no updates':
+        del scorer['updates']
+    elif damage in ('negative updates', 'bool updates'):
+        scorer['updates'] = -1 if damage == 'negative updates' else True
+    elif damage == 'wrong shapes':
+        first = next(iter(scorer['model']))
+        scorer['model'][first] = torch.zeros(3, 3)
+    else:  # a state of Adam, whose per-parameter state SGD's optimizer would not take
+        scorer['optimizer']['param_groups'] = []
+    fresh = _proxy_scorer(seed=9)
+    loader = _loader(fresh, policy=_adaptive())
+    before = _weights(fresh)
+    with pytest.raises(StateError, match='proxy'):
+        loader.load_state_dict(state)
+    assert all(torch.equal(a, b) for a, b in zip(before, _weights(fresh), strict=True))
+    assert fresh.updates == 0
+
+
+def test_a_refused_loader_state_leaves_the_policy_and_the_proxy_as_they_were(trained_state):
+    state = copy.deepcopy(trained_state)
+    state['policy']['adaptive']['multiplier'] = 0.5
+    state['scorer']['updates'] = 'three'  # refused after the policy was loaded
+    fresh = _proxy_scorer(seed=9)
+    loader = _loader(fresh, policy=_adaptive())
+    before = _weights(fresh)
+    with pytest.raises(StateError):
+        loader.load_state_dict(state)
+    assert loader.policy.adaptive.multiplier == 1.0
+    assert all(torch.equal(a, b) for a, b in zip(before, _weights(fresh), strict=True))

@@ -147,22 +147,45 @@ class ProxyScorer:
                               'model': self.proxy.state_dict(), 'optimizer': optimizer})
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`.
+        """Restore :meth:`state_dict`: all of it, or nothing when it does not fit.
 
         Raises:
-            StateError: Another version, or weights that do not fit the proxy.
+            StateError: Another version, a missing or ill-typed field (``model``,
+                ``updates``, ``optimizer``), or weights that do not fit the proxy.
         """
         if not isinstance(state, dict) or state.get('version') != PROXY_STATE_VERSION:
             raise StateError('the proxy learner\'s state was not saved by this ProxyScorer '
                              '(or by another version): resume with the scorer it was saved with')
+        updates, optimizer = state.get('updates'), state.get('optimizer')
+        if not isinstance(state.get('model'), dict) or isinstance(updates, bool) \
+                or not isinstance(updates, int) or updates < 0 \
+                or not (optimizer is None or isinstance(optimizer, dict)
+                        and {'state', 'param_groups'} <= set(optimizer)):
+            raise StateError('the proxy learner\'s state lacks its weights (model), its update '
+                             'count (updates, an int >= 0) or its optimizer state (optimizer): '
+                             'resume from a state this ProxyScorer saved')
+        before = copy.deepcopy(self.proxy.state_dict())
         try:
             self.proxy.load_state_dict(state['model'])
         except RuntimeError as error:
+            # torch copies the tensors that fit before it reports the others: put them back.
+            self.proxy.load_state_dict(before)
             raise StateError(f'the saved proxy weights do not fit this proxy model: '
                              f'{error}') from None
-        self.updates = int(state['updates'])
+        if optimizer is not None:
+            # The optimizer is built where the proxy trains; a throwaway one checks now that
+            # the saved state fits it (parameter groups and their sizes), not at the first step.
+            try:
+                self.make_optimizer(self.proxy.parameters()).load_state_dict(
+                    copy.deepcopy(optimizer))
+            except (ValueError, KeyError, TypeError, RuntimeError) as error:
+                self.proxy.load_state_dict(before)
+                raise StateError(f'the saved optimizer state does not fit this proxy\'s '
+                                 f'optimizer: {error}; resume with the optimizer it was saved '
+                                 f'with') from None
+        self.updates = updates
         self._optimizer = None
-        self._pending = copy.deepcopy(state['optimizer'])
+        self._pending = copy.deepcopy(optimizer)
 
 
 def _device_of(model: nn.Module) -> torch.device:
