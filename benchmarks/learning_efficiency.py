@@ -822,6 +822,8 @@ def format_table(results: dict[str, Any]) -> str:
             for name, m in entry['methods'].items():
                 cost = m['step_costs']
                 peer = results['methods'][task][name].get('peer')
+                normalised = ('base' if name == 'uniform'
+                              else _cell(m.get('speedup_wall_normalised'), '.2f'))
                 lines.append(
                     f'  {name + ("*" if peer else ""):<16} '
                     f'{m["final_accuracy_mean"]:.4f}±{m["final_accuracy_std"]:.4f}'
@@ -829,7 +831,7 @@ def format_table(results: dict[str, Any]) -> str:
                     f'{_speedup_cell(m, "steps", name == "uniform"):>27} '
                     f'{_speedup_cell(m, "flops", name == "uniform"):>25} '
                     f'{_speedup_cell(m, "wall", name == "uniform"):>25} '
-                    f'{_cell(m.get("speedup_wall_normalised"), ".2f"):>6} |'
+                    f'{normalised:>6} |'
                     f'          {1e3 * cost["train_s"]:6.1f} {1e3 * cost["score_s"]:6.1f} '
                     f'{1e3 * cost["select_s"]:6.1f} {1e3 * cost["wait_s"]:6.1f} '
                     f'{1e3 * (cost["other_s"] + cost["transfer_s"]):6.1f} | '

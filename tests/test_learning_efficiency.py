@@ -502,6 +502,9 @@ def test_smoke_run_on_a_tiny_pool(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert replotted['runs'] == saved['runs'] and png_path.stat().st_size > 0
     printed = capsys.readouterr().out
     assert 'summarised again' in printed and 'counted in training steps' in printed
+    # Uniform is the base of every speed-up in the table, the normalised one included.
+    assert next(line for line in printed.splitlines()
+                if line.split()[:1] == ['uniform']).count('base') == 4
     assert len(calls) == 4
     json_path.write_text(json.dumps({**saved, 'schema': 'jest_stream.learning_efficiency/1'}))
     assert main(['--replot', '--out', str(out)]) == 1
