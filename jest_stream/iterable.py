@@ -29,6 +29,7 @@ column.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import logging
 import warnings
@@ -135,8 +136,8 @@ class IterableSource:
             batch = collate_samples([self._with_id(row, count + i) for i, row in
                                      enumerate(rows)])
             count += len(rows)
-            if self.stateful:
-                self._keep((epoch, start + index - skip), self.dataset.state_dict())
+            if self.stateful:  # a copy: some datasets hand out their live state
+                self._keep((epoch, start + index - skip), copy.deepcopy(self.dataset.state_dict()))
             index += 1
             yield batch
 
@@ -164,18 +165,25 @@ class IterableSource:
             self._states.popitem(last=False)
 
     def dataset_state(self, epoch: int, consumed: int) -> dict[str, Any]:
-        """The dataset's state after super-batch ``consumed - 1`` of ``epoch``."""
+        """The dataset's state after super-batch ``consumed - 1`` of ``epoch``, on this rank.
+
+        Raises:
+            StateError: That state is no longer kept (more than 64 super-batches ago).
+        """
+        where = {'rank': self.rank, 'world_size': self.world_size}
         if not self.stateful:
-            return {'stateful': False}
+            return {'stateful': False, **where}
         state = self._states.get((epoch, consumed - 1))
         if state is None and consumed:
             raise StateError(f'the dataset state after super-batch {consumed - 1} of epoch '
                              f'{epoch} is no longer kept (the last {_KEPT_STATES} are)')
         # At the start of an epoch there is nothing to restore: it starts afresh.
-        return {'stateful': True, 'state': state}
+        return {'stateful': True, 'state': state, **where}
 
     def check_dataset_state(self, state: Any) -> None:
-        """Raise a :class:`StateError` unless ``state`` came from an iterable source like this."""
+        """Raise a :class:`StateError` unless ``state`` came from an iterable source like this,
+        on this rank of as many ranks (each rank's dataset state is its own part of the
+        stream: it cannot move to another rank or be split over another number of them)."""
         if not isinstance(state, Mapping) or 'stateful' not in state:
             raise StateError(f'the loader state holds {type(state).__name__} for the dataset, '
                              f'not an iterable source\'s state: it was saved by a loader over '
@@ -185,7 +193,19 @@ class IterableSource:
                              + ('out' if not state['stateful'] else '')
                              + ' a state protocol, but this one '
                              + ('has one' if self.stateful else 'has none'))
+        world, rank = state.get('world_size', 1), state.get('rank', 0)
+        if world != self.world_size:
+            raise StateError(f'the state was saved on {world} rank(s), this run has '
+                             f'{self.world_size}: an iterable dataset\'s position is per rank, '
+                             f'so resume it on {world} rank(s)')
+        if rank != self.rank:
+            raise StateError(f'the state was saved by rank {rank}, this is rank {self.rank}: '
+                             f'with an iterable dataset every rank saves its own loader state '
+                             f'and loads it back (a checkpoint per rank)')
 
     def load_dataset_state(self, state: dict[str, Any] | None) -> None:
+        """Resume the dataset at its next epoch from the state checked by
+        :meth:`check_dataset_state` (a dataset without the state protocol is read again up
+        to the position instead)."""
         if state is not None and self.stateful:
             self._resume = state.get('state')

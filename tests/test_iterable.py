@@ -111,3 +111,18 @@ def test_ranks_draw_equal_numbers_of_super_batches(tmp_path):
         mine = {i for batch in ranks[0]['epochs'][epoch] for i in batch}
         theirs = {i for batch in ranks[1]['epochs'][epoch] for i in batch}
         assert not mine & theirs  # split by node: each rank its own samples
+
+
+def test_an_iterable_state_resumes_only_on_its_own_rank_of_as_many():
+    first = _loader(hugging_face_pool(120), id_key='uid')
+    sub_batch_ids(first, 2, 'uid')
+    state = first.state_dict()
+    assert (state['dataset']['rank'], state['dataset']['world_size']) == (0, 1)
+    # The same global sizes on two ranks pass the loader's checks; the position does not.
+    on_two = {**state, 'world_size': 2, 'batch_size': 4, 'super_batch_size': 20,
+              'dataset': {**state['dataset'], 'world_size': 2}}
+    with pytest.raises(StateError, match='saved on 2 rank'):
+        _loader(hugging_face_pool(120), id_key='uid').load_state_dict(on_two)
+    of_rank_one = {**state, 'dataset': {**state['dataset'], 'rank': 1}}
+    with pytest.raises(StateError, match='saved by rank 1'):
+        _loader(hugging_face_pool(120), id_key='uid').load_state_dict(of_rank_one)
