@@ -18,6 +18,7 @@ from jest_stream.errors import (
     SettingError,
     SettingTypeError,
     StateError,
+    UnknownLengthError,
     UsageError,
 )
 from jest_stream.export import SampleSubset, read_ids
@@ -104,6 +105,7 @@ __all__ = [
     'SettingError',
     'SettingTypeError',
     'StateError',
+    'UnknownLengthError',
     'UsageError',
     'SelectionLog',
     'LogError',

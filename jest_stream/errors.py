@@ -18,6 +18,7 @@ __all__ = [
     'MissingColumnError',
     'ScoreError',
     'StateError',
+    'UnknownLengthError',
     'UsageError',
 ]
 
@@ -57,3 +58,8 @@ class StateError(JestStreamError, ValueError):
 
 class UsageError(JestStreamError, RuntimeError):
     """An API used in an order it does not support (e.g. loading state after iterating)."""
+
+
+class UnknownLengthError(JestStreamError, TypeError):
+    """``len()`` of something whose length is not known (a loader over an iterable dataset);
+    a ``TypeError``, as ``len()`` and ``operator.length_hint`` expect."""

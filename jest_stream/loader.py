@@ -38,7 +38,13 @@ from jest_stream.checks import check_bool, check_int
 from jest_stream.config import SelectionConfig, super_batch_size_for
 from jest_stream.criteria import Criterion
 from jest_stream.distributed import GlobalScope, rank_and_world
-from jest_stream.errors import SettingError, SettingTypeError, StateError, UsageError
+from jest_stream.errors import (
+    SettingError,
+    SettingTypeError,
+    StateError,
+    UnknownLengthError,
+    UsageError,
+)
 from jest_stream.log import as_recorder
 from jest_stream.policies import Plan, Progress, SelectionPolicy
 from jest_stream.process import ProcessScoring, check_picklable
@@ -339,11 +345,12 @@ class SelectiveLoader(DataLoader):
         ``drop_last=False``).
 
         Raises:
-            TypeError: The source is an iterable dataset of unknown length.
+            UnknownLengthError: The source is an iterable dataset of unknown length (a
+                ``TypeError``, as ``len()`` expects).
         """
         per_rank = self.source.samples_per_rank()
         if per_rank is None:
-            raise TypeError(f'the length of a {type(self.source.dataset).__name__} is not '
+            raise UnknownLengthError(f'the length of a {type(self.source.dataset).__name__} is not '
                             f'known: an iterable dataset ends when it runs out')
         full, rest = divmod(per_rank, self.super_batch_size)
         if rest and (rest >= self.batch_size or not self.drop_last_short):

@@ -4,6 +4,7 @@ resumed exactly through their state protocol, split across ranks."""
 from __future__ import annotations
 
 import json
+import operator
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from helpers.distributed import hugging_face_pool, iterable_worker
 from helpers.loops import sub_batch_ids
 from helpers.models import tiny_classifier
 from helpers.scorers import RecordingScorer
-from jest_stream import SelectiveLoader, SettingError, StateError
+from jest_stream import SelectiveLoader, SettingError, StateError, UnknownLengthError
 from jest_stream.policies import Schedule, SelectionPolicy
 from test_distributed import free_port, spawn
 
@@ -34,8 +35,9 @@ def test_a_hugging_face_dataset_is_a_source_with_its_own_ids():
     assert len(batches) == 5 and all(len(b['uid']) == 8 for b in batches)
     drawn = [i for seen in loader.scorer.seen for i in seen]
     assert sorted(drawn) == list(range(1000, 1200))
-    with pytest.raises(TypeError, match='not known'):
+    with pytest.raises(UnknownLengthError, match='not known'):
         len(loader)
+    assert operator.length_hint(loader, -1) == -1  # a TypeError, as len() expects
 
 
 @pytest.mark.parametrize('stop_after', [2, 7])
