@@ -291,6 +291,7 @@ class SelectiveLoader(DataLoader):
 
     @property
     def seed(self) -> int:
+        """The seed of selection's private generators and of map-style shuffling (``seed=``)."""
         return self.config.seed
 
     @property

@@ -65,6 +65,11 @@ class Progress:
     fraction: float | None = None
 
     def value(self, unit: str) -> float:
+        """The progress in ``unit``: ``steps``, ``samples`` or ``fraction``.
+
+        Raises:
+            SettingError: ``fraction`` is asked where the planned length is not known.
+        """
         if unit == 'steps':
             return float(self.steps)
         if unit == 'samples':

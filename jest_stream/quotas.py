@@ -162,8 +162,18 @@ class GroupQuota:
             self.picked += 1
             deficit -= int(short)
         if len(taken) < k:
-            raise DataError(f'only {len(taken)} of the {k} rows to pick fit the quota')
+            raise DataError(
+                f'only {len(taken)} of the {k} rows to pick fit the quota: too few candidates '
+                f'with a finite key (rows without a loss cannot be picked) in the groups whose '
+                f'shares it bounds ({self.shares_asked()}). Lower min_share or raise max_share, '
+                f'or draw larger super-batches (a lower filter_ratio keeps fewer per candidate)')
         return torch.tensor(taken, dtype=torch.long, device=keys.device)
+
+    def shares_asked(self) -> str:
+        """The bounds per group, in rows of ``total``, as text for messages."""
+        groups = sorted(set(self.low) | set(self.high))
+        return ', '.join(f'group {g}: {self.low.get(g, 0)} to {self.high.get(g, self.total)} '
+                         f'of {self.total}' for g in groups) or 'no bounds'
 
     def shares(self) -> dict[int, float]:
         """Each group's share of the rows picked so far."""

@@ -16,6 +16,7 @@ from helpers.models import tiny_classifier
 from helpers.scorers import RecordingScorer
 from jest_stream import (
     ClassificationScorer,
+    DataError,
     SampleIdStreamingDataset,
     SelectionConfig,
     SelectionStep,
@@ -390,3 +391,14 @@ def test_excluded_rows_are_never_preferred_under_any_policy(plan):
     assert set(range(3)) <= set(selection.selected.tolist()) and len(selection.selected) == b
     if plan.quota is not None:
         assert selection.policy['quota_relaxed'] == 1.0
+
+
+def test_a_quota_that_too_few_scored_rows_can_fill_says_what_to_change():
+    from jest_stream.quotas import GroupQuota
+
+    # Group 1 must fill half of 4 rows, but only one of its rows has a finite key.
+    groups = torch.tensor([0, 0, 0, 1, 1, 1])
+    quota = GroupQuota(groups=groups, total=4, low={1: 2}, high={})
+    keys = torch.tensor([5.0, 4.0, 3.0, 2.0, -math.inf, -math.inf])
+    with pytest.raises(DataError, match=r'only 3 of the 4 rows.*group 1: 2 to 4 of 4.*min_share'):
+        quota.pick(keys, 4)
