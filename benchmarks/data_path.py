@@ -57,7 +57,7 @@ from benchmarks.common.data import open_streaming, prepare
 from benchmarks.common.models import make_cnn
 from benchmarks.common.tasks import classification_scorer
 from benchmarks.common.training import LOADER_TIMINGS, synchronize
-from jest_stream import SampleIdStreamingDataset, SelectiveLoader
+from jest_stream import SampleIdStreamingDataset, SelectiveLoader, remove_stale_shared_memory
 from jest_stream.batch import batch_length, move_to_device
 
 __all__ = ['MODES', 'DataPathConfig', 'cli', 'compare', 'main', 'parse_args', 'run_mode',
@@ -346,9 +346,7 @@ def main(config: DataPathConfig, out: Path, argv: Sequence[str] | None = None
          ) -> dict[str, Any]:
     """Run every mode; write ``data_path.json`` and ``data_path.png`` to ``out``."""
     if config.clean_shm:
-        from streaming.base.util import clean_stale_shared_memory
-
-        clean_stale_shared_memory()
+        remove_stale_shared_memory()
     run = report.start_run('data_path', argv, threads=config.threads)
     data = prepare(config.data_dir)
     results: dict[str, Any] = {'config': asdict(config), 'filter_ratio': config.filter_ratio,
@@ -387,9 +385,9 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[DataPathConfig, Any]:
     parser.add_argument('--scored-batches', type=int, help='timed super-batches per scored run')
     parser.add_argument('--workers', type=int, help='DataLoader workers (default 2)')
     parser.add_argument('--clean-shm', action='store_true',
-                        help="run streaming's clean_stale_shared_memory() first: it removes "
-                             'the streaming segments of every process on this machine, so only '
-                             'after a killed run and never beside other streaming jobs')
+                        help='first remove the shared memory that killed streaming jobs left '
+                             '(jest_stream.remove_stale_shared_memory: segments no live '
+                             'process uses; those of running jobs stay)')
     args = parser.parse_args(argv)
     config = DataPathConfig(gpu=args.gpu, clean_shm=args.clean_shm)
     if args.quick:
