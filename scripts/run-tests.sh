@@ -28,7 +28,7 @@ for path in stale_shared_memory(): print(path.name)' | sort
 }
 
 before=$(unused)
-"$PY" -m pytest "$@"
+"$PY" -m pytest --durations=20 "$@"
 status=$?
 leaked=$(comm -13 <(echo "$before") <(unused) | sed '/^$/d')
 locks=$(find "$TMPDIR/streaming" -type f 2>/dev/null)
