@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import html
 import json
+import os
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from jest_stream.errors import JestStreamError, SettingError
+from jest_stream.checks import check_bool, check_int, check_number
+from jest_stream.errors import JestStreamError, SettingError, SettingTypeError
 from jest_stream.log import FIXED_COLUMNS, as_table, read_log
 
 __all__ = [
@@ -51,13 +53,77 @@ class ReportDependencyError(JestStreamError, ImportError):
     """Plots need matplotlib (and progress bars tqdm): the ``report`` extra."""
 
 
+def _require(table: Any, name: str) -> None:
+    """Refuse a column the log does not have.
+
+    Raises:
+        SettingError: ``name`` is not a column of ``table`` (the message lists its columns).
+    """
+    if name not in table.column_names:
+        raise SettingError(f'{name!r} is not a column of the log; it has {table.column_names}. '
+                           f'Name one of them, or give the table read_log or '
+                           f'pandas.read_parquet read from a selection log\'s folder')
+
+
 def _array(table: Any, name: str) -> np.ndarray:
-    """Column ``name`` as numpy (nulls of float columns as NaN)."""
+    """Column ``name`` as numpy (nulls of float columns as NaN).
+
+    Raises:
+        SettingError: The log has no column ``name``.
+    """
+    _require(table, name)
     return table.column(name).to_numpy()
 
 
+def _check_window(window: Any) -> int:
+    return check_int(window, 'window', low=1, hint='steps per window of the curves')
+
+
+def _check_max_points(max_points: Any) -> int:
+    return check_int(max_points, 'max_points', low=1,
+                     hint='points of the learner-reference scatter')
+
+
+def _check_names(names: Any, setting: str) -> list[str] | None:
+    """``groups`` or ``flags``: None (detect them), or a list of column names."""
+    if names is None:
+        return None
+    if isinstance(names, str) or not isinstance(names, Iterable):
+        raise SettingTypeError(f'{setting}={names!r} must be a list of column names, e.g. '
+                               f'[{names!r}], or None to detect them')
+    names = list(names)
+    bad = [n for n in names if not isinstance(n, str)]
+    if bad:
+        raise SettingTypeError(f'{setting}={names!r}: {bad} are not column names (str)')
+    return names
+
+
+def _check_report_settings(window: Any, groups: Any, flags: Any, max_points: Any,
+                           progress: Any) -> tuple[list[str] | None, list[str] | None]:
+    """The settings :func:`build_report` and :func:`write_report` share, checked before any
+    work; ``groups`` and ``flags`` as lists (or None)."""
+    if window is not None:
+        _check_window(window)
+    _check_max_points(max_points)
+    check_bool(progress, 'progress')
+    return _check_names(groups, 'groups'), _check_names(flags, 'flags')
+
+
 def default_window(table: Any, windows: int = 50) -> int:
-    """Steps per window so that the run spans about ``windows`` windows (at least 1)."""
+    """Steps per window so that the run spans about ``windows`` windows (at least 1).
+
+    Args:
+        table (pyarrow.Table | pandas.DataFrame): The log.
+        windows (int): How many windows the run should span, at least 1.
+
+    Returns:
+        int: Steps per window.
+
+    Raises:
+        SettingError: ``windows`` is below 1, or the log has no ``step`` column.
+        SettingTypeError: ``windows`` is not an int, or ``table`` not a table.
+    """
+    check_int(windows, 'windows', low=1, hint='windows over the run')
     table = as_table(table)
     steps = _array(table, 'step')
     span = int(steps.max()) + 1 if len(steps) else 1
@@ -71,8 +137,14 @@ def detect_columns(table: Any) -> tuple[list[str], list[str]]:
     a *grouping* is ``stream`` or a logged integer or string column with at most
     :data:`MAX_GROUPS` distinct values (a class label). A 0/1 column is a flag only.
 
+    Args:
+        table (pyarrow.Table | pandas.DataFrame): The log.
+
     Returns:
         tuple[list[str], list[str]]: ``(groups, flags)``.
+
+    Raises:
+        SettingTypeError: ``table`` is neither a ``pyarrow.Table`` nor a pandas DataFrame.
     """
     table = as_table(table)
     groups, flags = [], []
@@ -96,8 +168,6 @@ def detect_columns(table: Any) -> tuple[list[str], list[str]]:
 
 def _windows(table: Any, window: int) -> tuple[np.ndarray, list[np.ndarray]]:
     """Window start steps and, for each window, the rows in it."""
-    if window < 1:
-        raise SettingError(f'window={window!r} must be at least 1 step')
     index = _array(table, 'step') // window
     order = np.argsort(index, kind='stable')
     starts, first = np.unique(index[order], return_index=True)
@@ -109,6 +179,19 @@ def _quantiles(values: np.ndarray, quantiles: Sequence[float]) -> list[float | N
     if not len(values):
         return [None] * len(quantiles)
     return [float(q) for q in np.quantile(values, quantiles)]
+
+
+def _check_quantiles(quantiles: Any) -> list[float]:
+    given = None if isinstance(quantiles, str) or not isinstance(quantiles, Iterable) \
+        else list(quantiles)
+    if not given:
+        raise SettingTypeError(f'quantiles={quantiles!r} must be a non-empty list of numbers in '
+                               f'[0, 1], e.g. [0.1, 0.5, 0.9]')
+    values = [check_number(q, f'quantiles[{i}]', low=0.0, high=1.0) for i, q in enumerate(given)]
+    if values != sorted(values):
+        raise SettingError(f'quantiles={given!r} must be in ascending order (the plots draw a '
+                           f'band from the first to the last)')
+    return values
 
 
 def score_quantiles(table: Any, *, window: int, quantiles: Sequence[float] = QUANTILES
@@ -124,7 +207,14 @@ def score_quantiles(table: Any, *, window: int, quantiles: Sequence[float] = QUA
         dict: ``step`` (first step of each window), ``quantiles``, and for each score column
         with values (``score``, ``learner``, ``reference``) ``{'candidates': [[q...] per
         window], 'selected': [...]}`` (None where a window has no value).
+
+    Raises:
+        SettingError: ``window`` below 1, a quantile outside ``[0, 1]`` or out of order, or a
+            column of the log missing.
+        SettingTypeError: ``window`` or a quantile of the wrong type.
     """
+    _check_window(window)
+    quantiles = _check_quantiles(quantiles)
     table = as_table(table)
     starts, rows = _windows(table, window)
     candidate, selected = _array(table, 'candidate'), _array(table, 'selected')
@@ -160,7 +250,12 @@ def group_shares(table: Any, column: str, *, window: int) -> dict[str, Any]:
         dict: ``step``, ``groups`` (sorted), ``selected`` and ``candidates``: per group, its
         share in each window; ``overall``: per group, ``{'selected', 'candidates'}`` shares
         over the whole log.
+
+    Raises:
+        SettingError: ``column`` is not a column of the log, or ``window`` is below 1.
+        SettingTypeError: ``window`` is not an int.
     """
+    _check_window(window)
     table = as_table(table)
     values = _array(table, column)
     candidate, selected = _array(table, 'candidate'), _array(table, 'selected')
@@ -182,11 +277,18 @@ def group_shares(table: Any, column: str, *, window: int) -> dict[str, Any]:
 def selection_counts(table: Any) -> dict[str, Any]:
     """How often each sample was selected, over the samples that were candidates.
 
+    Args:
+        table (pyarrow.Table | pandas.DataFrame): The log.
+
     Returns:
         dict: ``samples`` (distinct candidates), ``never_selected_fraction``,
         ``mean_selected`` and ``max_selected`` (times per sample), ``histogram``:
         ``{'times': [0, 1, ...], 'samples': [...]}`` (samples selected that many times), and
         ``mean_rate`` (selections per candidacy, averaged over samples).
+
+    Raises:
+        SettingError: The table lacks a column of the log (``sample_id``, ``candidate``,
+            ``selected``).
     """
     table = as_table(table)
     ids = _array(table, 'sample_id')
@@ -215,14 +317,21 @@ def score_scatter(table: Any, *, max_points: int = 5000, seed: int = 0) -> dict[
 
     Args:
         table (pyarrow.Table | pandas.DataFrame): The log.
-        max_points (int): At most this many points (a uniform sample, private generator).
-        seed (int): Seed of the subsample.
+        max_points (int): At most this many points (a uniform sample, private generator), at
+            least 1.
+        seed (int): Seed of the subsample (>= 0).
 
     Returns:
         dict: ``learner``, ``reference``, ``selected`` (lists of the sampled candidates'
         values), ``candidates`` (how many had both losses) and ``shown``; empty lists when
         the log has no learner or reference losses.
+
+    Raises:
+        SettingError: ``max_points`` below 1, or a negative ``seed``.
+        SettingTypeError: Either is not an int.
     """
+    max_points = _check_max_points(max_points)
+    seed = check_int(seed, 'seed', low=0)
     table = as_table(table)
     empty = {'learner': [], 'reference': [], 'selected': [], 'candidates': 0, 'shown': 0}
     if not {'learner', 'reference'} <= set(table.column_names):
@@ -240,6 +349,25 @@ def score_scatter(table: Any, *, max_points: int = 5000, seed: int = 0) -> dict[
             'candidates': int(total), 'shown': int(len(both))}
 
 
+def _flags(table: Any, column: str) -> np.ndarray:
+    """A flag column as bools.
+
+    Raises:
+        SettingError: The log has no such column, or it holds nulls or other values than
+            bools or 0 and 1 (a label given as a flag).
+    """
+    values = _array(table, column)
+    if values.dtype.kind == 'b':
+        return values
+    distinct = np.unique(values) if values.dtype.kind in 'iuf' else None
+    if distinct is None or not set(distinct.tolist()) <= {0, 1}:
+        shown = distinct[:10].tolist() if distinct is not None else f'{values.dtype} values'
+        raise SettingError(f'flags: the column {column!r} holds {shown}, but a flag column holds '
+                           f'bools, or 0 and 1, and no nulls (a noise flag); name it in groups '
+                           f'instead, or log the flag as a bool column')
+    return values.astype(bool)
+
+
 def flagged_fraction(table: Any, column: str, *, window: int) -> dict[str, Any]:
     """The share of flagged samples (a noise flag) among the selected and the candidates.
 
@@ -252,9 +380,15 @@ def flagged_fraction(table: Any, column: str, *, window: int) -> dict[str, Any]:
         dict: ``step``, ``selected`` and ``candidates`` (the flagged share in each window),
         ``overall`` (both over the log) and ``kept_ratio``: the flagged share among the
         selected over that among the candidates (below 1: selection avoids them).
+
+    Raises:
+        SettingError: ``column`` is not a column of the log or not a flag (bools, or 0 and 1,
+            without nulls), or ``window`` is below 1.
+        SettingTypeError: ``window`` is not an int.
     """
+    _check_window(window)
     table = as_table(table)
-    flags = _array(table, column).astype(bool)
+    flags = _flags(table, column)
     candidate, selected = _array(table, 'candidate'), _array(table, 'selected')
     starts, rows = _windows(table, window)
 
@@ -283,10 +417,17 @@ def _mean(values: np.ndarray) -> float | None:
 def summarise(table: Any) -> dict[str, Any]:
     """Totals of a log: its size, and the mean scores of the candidates and of the selected.
 
+    Args:
+        table (pyarrow.Table | pandas.DataFrame): The log.
+
     Returns:
         dict: ``rows``, ``steps``, ``epochs``, ``ranks``, ``selected_rows``,
         ``candidate_rows``, ``scores`` (per score column: ``candidates`` and ``selected``
         means) and ``policy`` (mean and last ``pressure``, ``mix``, ``filter_ratio_now``).
+
+    Raises:
+        SettingError: The table lacks a column of the log.
+        SettingTypeError: ``table`` is neither a ``pyarrow.Table`` nor a pandas DataFrame.
     """
     table = as_table(table)
     step = _array(table, 'step')
@@ -318,12 +459,13 @@ def build_report(table: Any, *, window: int | None = None, groups: Sequence[str]
     Args:
         table (pyarrow.Table | pandas.DataFrame): The log (:func:`~jest_stream.log.read_log`,
             ``pandas.read_parquet``).
-        window (int, optional): Steps per window; :func:`default_window` by default.
+        window (int, optional): Steps per window (at least 1); :func:`default_window` by
+            default.
         groups (Sequence[str], optional): Grouping columns (shares of the selected over
             time); detected by :func:`detect_columns` by default.
         flags (Sequence[str], optional): Flag columns (flagged share over time); detected by
             default.
-        max_points (int): Points of the learner-reference scatter.
+        max_points (int): Points of the learner-reference scatter (at least 1).
         progress (bool): A progress bar over the sections (tqdm).
 
     Returns:
@@ -331,16 +473,21 @@ def build_report(table: Any, *, window: int | None = None, groups: Sequence[str]
         column) and ``flags`` (per column).
 
     Raises:
-        SettingError: A named column is not in the log.
+        SettingError: A named column is not in the log, a flag column holds other values
+            than bools or 0 and 1, or ``window`` or ``max_points`` is below 1.
+        SettingTypeError: A setting of the wrong type (``groups='label'`` for ``['label']``,
+            a bool for a count).
+        ReportDependencyError: ``progress`` and tqdm is not installed.
     """
+    groups, flags = _check_report_settings(window, groups, flags, max_points, progress)
     table = as_table(table)
     found_groups, found_flags = detect_columns(table)
-    groups = found_groups if groups is None else list(groups)
-    flags = found_flags if flags is None else list(flags)
+    groups = found_groups if groups is None else groups
+    flags = found_flags if flags is None else flags
     for name in (*groups, *flags):
-        if name not in table.column_names:
-            raise SettingError(f'{name!r} is not a column of the log; it has '
-                               f'{table.column_names}')
+        _require(table, name)
+    for name in flags:
+        _flags(table, name)
     window = default_window(table) if window is None else window
     sections: list[tuple[str, Callable[[], Any]]] = [
         ('summary', lambda: summarise(table)),
@@ -515,11 +662,17 @@ def plot_report(report: dict[str, Any], out: str | Path) -> list[Path]:
     reference losses), ``share_<column>.png`` per grouping and ``flagged_<column>.png`` per
     flag; a plot with nothing to show is skipped.
 
+    Args:
+        report (dict): From :func:`build_report` (with the scatter's points).
+        out (str | Path): The folder of the PNG files (created); files of the same names are
+            replaced.
+
     Returns:
         list[Path]: The files written.
 
     Raises:
         ReportDependencyError: matplotlib is not installed.
+        OSError: ``out`` cannot be created or written.
     """
     plt = _pyplot()
     out = Path(out)
@@ -537,7 +690,27 @@ def plot_report(report: dict[str, Any], out: str | Path) -> list[Path]:
 
 
 def write_html(report: dict[str, Any], images: Sequence[Path], path: str | Path) -> Path:
-    """A page that shows the plots and the summary (images linked by file name)."""
+    """Write a page that shows the plots and the summary of a report.
+
+    The images are linked by file name, so the page belongs in the folder that holds them
+    (``index.html`` next to the PNG files of :func:`plot_report`). Text from the report is
+    escaped.
+
+    Args:
+        report (dict): From :func:`build_report`: its ``summary``, ``counts`` and ``window``
+            are shown.
+        images (Sequence[Path]): The plots, in the order to show them
+            (:func:`plot_report`'s list).
+        path (str | Path): The page to write (replaced if it exists).
+
+    Returns:
+        Path: ``path``.
+
+    Raises:
+        KeyError: ``report`` lacks ``summary``, ``counts`` or ``window`` (not a report of
+            :func:`build_report`).
+        OSError: ``path`` cannot be written.
+    """
     path = Path(path)
     summary = html.escape(json.dumps(report['summary'], indent=1))
     counts = report['counts']
@@ -565,13 +738,15 @@ def write_report(log: str | Path, out: str | Path, *, window: int | None = None,
                  ) -> dict[str, Any]:
     """Read a log, and write ``report.json``, the plots and ``index.html`` into ``out``.
 
+    Every setting is checked before the log is read.
+
     Args:
         log (str | Path): The log's folder.
         out (str | Path): Where the report goes (created).
-        window (int, optional): Steps per window.
+        window (int, optional): Steps per window (at least 1); about 50 windows by default.
         groups (Sequence[str], optional): Grouping columns (detected by default).
         flags (Sequence[str], optional): Flag columns (detected by default).
-        max_points (int): Points of the scatter.
+        max_points (int): Points of the scatter (at least 1).
         plots (bool): Draw the plots and the page (needs matplotlib).
         progress (bool): Progress bars (tqdm).
 
@@ -580,8 +755,19 @@ def write_report(log: str | Path, out: str | Path, *, window: int | None = None,
 
     Raises:
         LogError: The folder holds no log, or a file is damaged.
-        ReportDependencyError: Plots were asked and matplotlib is missing.
+        SettingError: ``window`` or ``max_points`` below 1, or a named column that the log
+            lacks or (for ``flags``) that is not a flag.
+        SettingTypeError: A setting of the wrong type (a bool for a count, a str for a list,
+            a folder that is not a str or path).
+        ReportDependencyError: Plots (or progress bars) were asked and matplotlib (or tqdm)
+            is missing.
+        OSError: ``out`` cannot be created or written.
     """
+    groups, flags = _check_report_settings(window, groups, flags, max_points, progress)
+    check_bool(plots, 'plots')
+    for setting, folder in (('log', log), ('out', out)):
+        if not isinstance(folder, (str, os.PathLike)):
+            raise SettingTypeError(f'{setting}={folder!r} must be a folder (str or PathLike)')
     if plots:
         _pyplot()  # fail before the work, not after
     if progress:

@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from torch.utils.data import TensorDataset
@@ -24,15 +25,17 @@ from jest_stream import (
     SelectionStep,
     SelectiveLoader,
     SettingError,
+    SettingTypeError,
     read_ids,
 )
 from jest_stream.cli import main
 from jest_stream.errors import DataError
-from jest_stream.export import choose_ids, selection_rates, write_ids
+from jest_stream.export import choose_ids, export_ids, selection_rates, write_ids
 from jest_stream.log import FIXED_COLUMNS, read_log
 from jest_stream.report import (
     ReportDependencyError,
     build_report,
+    default_window,
     detect_columns,
     flagged_fraction,
     group_shares,
@@ -238,9 +241,131 @@ def test_report_errors_are_one_line_naming_the_folder_and_the_fix(tmp_path, caps
     monkeypatch.setitem(sys.modules, 'matplotlib', None)  # as if it were not installed
     with pytest.raises(ReportDependencyError, match=r"jest-stream\[report\]"):
         write_report(tmp_path, tmp_path / 'out')
-    assert main(['export', str(tmp_path), '--top', '0.5', '--out', str(tmp_path / 'x.csv')]) \
+    assert main(['export', str(tmp_path), '--top', '0.5', '--out', str(tmp_path / 'x.npy')]) \
         == 1
     assert 'no selection log files' in capsys.readouterr().err
+    # Settings are checked before the log is read: the suffix first.
+    assert main(['export', str(tmp_path), '--top', '0.5', '--out', str(tmp_path / 'x.csv')]) \
+        == 1
+    assert '.npy or .parquet file, e.g. x.npy' in capsys.readouterr().err
+
+
+BAD_REPORT_SETTINGS = [
+    ({'window': 0}, SettingError, r'window=0 must be an int >= 1 \(steps per window'),
+    ({'window': -3}, SettingError, 'window=-3'),
+    ({'window': True}, SettingTypeError, 'window=True must be an int'),
+    ({'window': 2.5}, SettingTypeError, 'window=2.5'),
+    ({'max_points': -1}, SettingError, r'max_points=-1 must be an int >= 1 \(points'),
+    ({'max_points': 0}, SettingError, 'max_points=0'),
+    ({'max_points': False}, SettingTypeError, 'max_points=False'),
+    ({'groups': 'label'}, SettingTypeError, r"groups='label' must be a list .* \['label'\]"),
+    ({'flags': [1]}, SettingTypeError, r'\[1\] are not column names'),
+    ({'progress': 1}, SettingTypeError, 'progress=1 must be True or False'),
+]
+
+
+@pytest.mark.parametrize(('settings', 'kind', 'message'), BAD_REPORT_SETTINGS)
+def test_bad_report_settings_are_refused_before_the_log_is_read(tmp_path, settings, kind,
+                                                                message):
+    missing = tmp_path / 'no-log'  # reading it would raise a LogError
+    with pytest.raises(kind, match=message):
+        write_report(missing, tmp_path / 'out', plots=False, **settings)
+    with pytest.raises(kind, match=message):
+        build_report(_known_log(), **settings)
+    assert not (tmp_path / 'out').exists()
+
+
+def test_bad_settings_of_the_report_functions_name_the_setting_and_the_fix():
+    table = _known_log()
+    with pytest.raises(SettingError, match='windows=0'):
+        default_window(table, 0)
+    for quantiles, kind in (([1.5], SettingError), ([], SettingTypeError),
+                            ('0.5', SettingTypeError), ([0.9, 0.1], SettingError),
+                            ([float('nan')], SettingError), ([True], SettingTypeError)):
+        with pytest.raises(kind, match='quantiles'):
+            score_quantiles(table, window=2, quantiles=quantiles)
+    with pytest.raises(SettingError, match='seed=-1'):
+        score_scatter(table, seed=-1)
+    with pytest.raises(SettingError, match='max_points=-1'):
+        score_scatter(table, max_points=-1)
+    with pytest.raises(SettingTypeError, match='window=True'):
+        group_shares(table, 'label', window=True)
+    with pytest.raises(SettingError, match=r"'colour' is not a column of the log; it has \["):
+        group_shares(table, 'colour', window=2)
+    # A label given as a flag would count labels 1 and 2 as flagged.
+    with pytest.raises(SettingError, match=r"column 'label' holds \[0, 1, 2\].*groups instead"):
+        flagged_fraction(table, 'label', window=2)
+    with pytest.raises(SettingError, match="'label' holds"):
+        build_report(table, flags=['label'])
+    nullable = table.append_column('unsure', pa.array([True, None] * 8))
+    with pytest.raises(SettingError, match="'unsure' holds .*no nulls"):
+        flagged_fraction(nullable, 'unsure', window=2)
+    assert flagged_fraction(table, 'noisy', window=2) \
+        == flagged_fraction(table.set_column(table.column_names.index('noisy'), 'noisy',
+                                             pa.array(np.tile([0, 0, 0, 1], 4))),
+                            'noisy', window=2)  # 0/1 ints are a flag too
+    with pytest.raises(SettingError, match=r"'step' is not a column of the log"):
+        summarise(table.drop_columns(['step']))
+    with pytest.raises(SettingError, match=r"no \['candidate'\] columns"):
+        selection_rates(table.drop_columns(['candidate']))
+
+
+def test_bad_export_settings_are_refused_before_the_log_is_read(tmp_path):
+    missing, out = tmp_path / 'no-log', tmp_path / 'ids.npy'
+    for settings, kind, message in (
+            ({'top': 1.5}, SettingError, r'top=1.5 must be a finite number in \(0, 1\]'),
+            ({'bottom': 0.0}, SettingError, 'bottom=0.0'),
+            ({'top': True}, SettingTypeError, 'top=True must be a number'),
+            ({'top': float('nan')}, SettingError, 'top=nan'),
+            ({}, SettingError, 'exactly one of top'),
+            ({'top': 0.5, 'bottom': 0.5}, SettingError, 'exactly one of top'),
+            ({'top': 0.5, 'min_candidates': 0}, SettingError, 'min_candidates=0 must be an int'),
+            ({'top': 0.5, 'min_candidates': True}, SettingTypeError, 'min_candidates=True')):
+        with pytest.raises(kind, match=message):
+            export_ids(missing, out, **settings)
+    with pytest.raises(SettingTypeError, match='out=3'):
+        export_ids(missing, 3, top=0.5)
+    assert not out.exists()
+    with pytest.raises(SettingTypeError, match='float64 values; sample ids are integers'):
+        write_ids(np.array([1.5, 2.0]), out)
+    with pytest.raises(SettingError, match='shape'):
+        write_ids(np.zeros((2, 2), dtype=np.int64), out)
+    rates = selection_rates(_known_log())
+    with pytest.raises(SettingError, match=r'no counts of the ids \[7\]'):
+        write_ids(np.array([1, 7]), tmp_path / 'ids.parquet', rates)
+    assert not (tmp_path / 'ids.parquet').exists()
+    write_ids(np.array([1, 3]), tmp_path / 'ids.parquet', rates)
+    assert pq.read_table(tmp_path / 'ids.parquet')['selected'].to_pylist() == [2, 0]
+    x, y = features_and_labels(10)
+    dataset = TensorDataset(torch.from_numpy(x), torch.from_numpy(y))
+    with pytest.raises(SettingTypeError, match='sample ids are integers'):
+        SampleSubset(dataset, [1.5])  # would be sample 1
+    with pytest.raises(SettingTypeError, match='bool'):
+        SampleSubset(dataset, [True, False])
+
+
+@pytest.mark.parametrize(('argv', 'message'), [
+    (['report', '{log}', '--max-points', '-1'], 'max_points=-1 must be an int >= 1'),
+    (['report', '{log}', '--window', '0'], 'window=0 must be an int >= 1'),
+    (['report', '{log}', '--flags', 'sample_id', '--no-plots'],
+     "flags: the column 'sample_id' holds"),
+    (['report', '{log}', '--groups', 'colour', '--no-plots'], "'colour' is not a column"),
+    (['export', '{log}', '--top', '1.5', '--out', '{out}'], 'top=1.5 must be'),
+    (['export', '{log}', '--bottom', '-0.1', '--out', '{out}'], 'bottom=-0.1 must be'),
+    (['export', '{log}', '--top', '0.5', '--min-candidates', '0', '--out', '{out}'],
+     'min_candidates=0 must be an int >= 1'),
+])
+def test_bad_command_line_settings_are_one_line_and_a_non_zero_exit(tmp_path, capsys, argv,
+                                                                    message):
+    log = tmp_path / 'log'
+    _step_log(log, [[3.0, 0.0, 1.0, 2.0]], [[True, False, False, False]])
+    out = tmp_path / 'ids.npy'
+    argv = [a.format(log=log, out=out) for a in argv]
+    assert main([*argv, '--no-progress'] if argv[0] == 'report' else argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith('jest-stream: error: ') and message in err
+    assert err.count('\n') == 1 and 'Traceback' not in err
+    assert not out.exists() and not (log / 'report').exists()
 
 
 def test_sample_subset_keeps_global_ids_and_ids_files_are_checked(tmp_path):
