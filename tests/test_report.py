@@ -1,6 +1,7 @@
 """Reports and exports from a selection log: the pure summaries on a log whose answers are
-known, ``jest-stream report`` and ``jest-stream export`` on a log a real loader wrote, and
-the exported ids read back as a filtered dataset."""
+known, ``jest-stream report`` and ``jest-stream export`` on a log a real loader wrote, the
+exported ids read back as a filtered dataset, bad settings refused before the log is read,
+and what the ``candidate`` column holds outside a Composer selection window."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from torch.utils.data import TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
+from helpers.composer import SUB, B, DictClassifier, fit, make_trainer
 from helpers.data import features_and_labels, write_mds
 from helpers.models import tiny_classifier
 from jest_stream import (
@@ -26,11 +28,13 @@ from jest_stream import (
     SelectiveLoader,
     SettingError,
     SettingTypeError,
+    collate_samples,
     read_ids,
 )
 from jest_stream.cli import main
 from jest_stream.errors import DataError
 from jest_stream.export import choose_ids, export_ids, selection_rates, write_ids
+from jest_stream.integrations.composer import JESTAlgorithm, jest_first
 from jest_stream.log import FIXED_COLUMNS, read_log
 from jest_stream.report import (
     ReportDependencyError,
@@ -156,6 +160,35 @@ def test_the_logs_own_columns_are_never_reported_as_groups_or_flags(tmp_path, mo
     table = table.append_column('drawn_before', pa.array(np.zeros(4, dtype=bool)))
     monkeypatch.setitem(FIXED_COLUMNS, 'drawn_before', 'bool')
     assert detect_columns(table) == ([], ['noisy'])
+
+
+def test_candidates_outside_a_composer_selection_window_with_outside_window_first(
+        tmp_path, mds_dir, make_streaming):
+    # What docs/selection-log.md says of the candidate column: outside [start, end),
+    # outside_window='first' hands over the first b rows of the super-batch; every row drawn
+    # is then a candidate (n_candidates = B), none is scored, and the policy columns are null.
+    log = SelectionLog(tmp_path / 'log')
+    algorithm = JESTAlgorithm(filter_ratio=0.8, reference=DictClassifier(tiny_classifier(1)),
+                              target_key='y', start=0.25, end=0.75, outside_window='first',
+                              selection_log=log)
+    dataset = make_streaming(mds_dir, batch_size=B, shuffle=False)
+    loader = DataLoader(dataset, batch_size=B, collate_fn=collate_samples)
+    fit(make_trainer(loader, DictClassifier(tiny_classifier(0)), algorithms=[algorithm],
+                     algorithm_passes=jest_first, max_duration='1ep'))
+    frame = read_log(tmp_path / 'log').to_pandas()
+    inside = []
+    for step, rows in frame.groupby('step'):
+        assert len(rows) == B and rows['candidate'].all() and (rows['n_candidates'] == B).all()
+        assert rows['selected'].sum() == SUB
+        if rows['pressure'].isna().all():  # outside the window
+            assert rows['score'].isna().all() and rows['filter_ratio_now'].isna().all()
+            assert rows['selected'].tolist() == [True] * SUB + [False] * (B - SUB)
+            assert rows['order'].tolist()[:SUB] == list(range(SUB))
+        else:
+            assert rows['score'].notna().all() and (rows['pressure'] == 1).all()
+            assert rows['filter_ratio_now'].iloc[0] == pytest.approx(0.8)
+            inside.append(step)
+    assert inside == [2, 3, 4]  # selection runs while 1/4 <= step / 6 < 3/4
 
 
 def test_export_ranks_by_selection_rate_then_count_then_id():
