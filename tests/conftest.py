@@ -10,6 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import streaming.base.dataset
+import streaming.base.shared.prefix
 from streaming.base.shared.memory import SharedMemory
 
 from helpers.data import write_mds
@@ -53,6 +55,16 @@ def release_streaming_shared_memory(monkeypatch):
                 segment.unlink()
             except FileNotFoundError:
                 pass
+
+
+@pytest.fixture
+def streaming_lock_files_in_tmp_path(tmp_path, monkeypatch):
+    """Keep the lock files of this test's StreamingDatasets in its folder, not in /tmp
+    (modules whose every test makes datasets use it with ``pytestmark``)."""
+    locks = tmp_path / 'streaming-locks'
+    locks.mkdir()
+    for module in (streaming.base.dataset, streaming.base.shared.prefix):
+        monkeypatch.setattr(module, 'gettempdir', lambda: str(locks))
 
 
 @pytest.fixture

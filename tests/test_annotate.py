@@ -15,8 +15,6 @@ import time
 from pathlib import Path
 
 import pytest
-import streaming.base.dataset
-import streaming.base.shared.prefix
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -32,13 +30,7 @@ TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
 
 
-@pytest.fixture(autouse=True)
-def streaming_lock_files_in_tmp_path(tmp_path, monkeypatch):
-    """Keep the lock files of this test's StreamingDatasets in its folder, not in /tmp."""
-    locks = tmp_path / 'streaming-locks'
-    locks.mkdir()
-    for module in (streaming.base.dataset, streaming.base.shared.prefix):
-        monkeypatch.setattr(module, 'gettempdir', lambda: str(locks))
+pytestmark = pytest.mark.usefixtures('streaming_lock_files_in_tmp_path')
 
 
 class SlowLinear(nn.Linear):

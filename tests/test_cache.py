@@ -13,8 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import streaming.base.dataset
-import streaming.base.shared.prefix
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -42,13 +40,7 @@ MODEL = 'a' * 64
 TRANSFORM = 'raw-x'
 
 
-@pytest.fixture(autouse=True)
-def streaming_lock_files_in_tmp_path(tmp_path, monkeypatch):
-    """Keep the lock files of this test's StreamingDatasets in its folder, not in /tmp."""
-    locks = tmp_path / 'streaming-locks'
-    locks.mkdir()
-    for module in (streaming.base.dataset, streaming.base.shared.prefix):
-        monkeypatch.setattr(module, 'gettempdir', lambda: str(locks))
+pytestmark = pytest.mark.usefixtures('streaming_lock_files_in_tmp_path')
 
 
 @pytest.fixture

@@ -11,8 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import streaming.base.dataset
-import streaming.base.shared.prefix
 from streaming import MDSWriter
 from torch.utils.data import DataLoader, Dataset
 
@@ -24,13 +22,7 @@ from jest_stream.shards import NoShardHashes, ShardError, validate_mds
 SAMPLE_BYTES = 4 * N_FEATURES + 8  # x float32[8], y int64: the samples of helpers.data
 
 
-@pytest.fixture(autouse=True)
-def streaming_lock_files_in_tmp_path(tmp_path, monkeypatch):
-    """Keep the lock files of this test's StreamingDatasets in its folder, not in /tmp."""
-    locks = tmp_path / 'streaming-locks'
-    locks.mkdir()
-    for module in (streaming.base.dataset, streaming.base.shared.prefix):
-        monkeypatch.setattr(module, 'gettempdir', lambda: str(locks))
+pytestmark = pytest.mark.usefixtures('streaming_lock_files_in_tmp_path')
 
 
 def write_hashed(directory: Path, n: int, hashes: list[str] | None = None) -> Path:
