@@ -83,13 +83,13 @@ def test_rank_scope_selects_from_each_ranks_own_partition(tmp_path):
     assert 'comm_bytes' not in ranks[0]['metrics']
 
 
-@pytest.mark.parametrize('scope', ['rank', 'global'])
-def test_streaming_ranks_draw_equal_numbers_of_super_batches(tmp_path, scope):
+def test_streaming_ranks_draw_equal_numbers_of_super_batches(tmp_path):
     mds = write_mds(tmp_path / 'mds', 103)
-    spawn(streaming_worker, 2, free_port(), tmp_path, str(mds), scope)
-    ranks = _read(tmp_path, 2)
-    for epoch in range(2):
-        counts = [len(r['epochs'][epoch]) for r in ranks]
-        assert counts[0] == counts[1] == ranks[0]['len']
-    if scope == 'rank':
-        assert all(len(ids) == 4 for r in ranks for ids in r['epochs'][0])
+    spawn(streaming_worker, 2, free_port(), tmp_path, str(mds))
+    for scope in ('rank', 'global'):
+        ranks = [r[scope] for r in _read(tmp_path, 2)]
+        for epoch in range(2):
+            counts = [len(r['epochs'][epoch]) for r in ranks]
+            assert counts[0] == counts[1] == ranks[0]['len'], scope
+        if scope == 'rank':
+            assert all(len(ids) == 4 for r in ranks for ids in r['epochs'][0])

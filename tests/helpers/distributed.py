@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import gc
 import json
 import os
 import sys
@@ -87,28 +88,32 @@ def selection_worker(rank: int, world: int, port: int, out_dir: Path, scope: str
         (out_dir / f'rank{rank}.json').write_text(json.dumps(record))
 
 
-def streaming_worker(rank: int, world: int, port: int, out_dir: Path, mds_dir: str,
-                     scope: str) -> None:
-    """Two epochs over a streaming dataset whose size does not divide: no rank may hang."""
+def streaming_worker(rank: int, world: int, port: int, out_dir: Path, mds_dir: str) -> None:
+    """Two epochs over a streaming dataset whose size does not divide, in each selection
+    scope (one process group for both): no rank may hang."""
     from jest_stream import SampleIdStreamingDataset
 
+    out: dict[str, dict] = {}
     with process_group(rank, world, port):
-        dataset = SampleIdStreamingDataset(local=mds_dir, batch_size=20, shuffle=True,
-                                           shuffle_seed=3, num_canonical_nodes=1)
-        scorer = ClassificationScorer(tiny_classifier(0), tiny_classifier(1), input_key='x',
-                                      target_key='y')
-        loader = SelectiveLoader(dataset, batch_size=4, filter_ratio=0.8, scorer=scorer,
-                                 selection_scope=scope, num_workers=1)
-        epochs = []
-        for _ in range(2):
-            ids = []
-            for batch in loader:
-                ids.append(batch['sample_id'].tolist())
-                # A collective per step, as DDP would do: a rank with fewer batches would hang.
-                dist.all_reduce(torch.ones(1))
-            epochs.append(ids)
-        (out_dir / f'rank{rank}.json').write_text(json.dumps({'epochs': epochs,
-                                                               'len': len(loader)}))
+        for scope in ('rank', 'global'):
+            dataset = SampleIdStreamingDataset(local=mds_dir, batch_size=20, shuffle=True,
+                                               shuffle_seed=3, num_canonical_nodes=1)
+            scorer = ClassificationScorer(tiny_classifier(0), tiny_classifier(1),
+                                          input_key='x', target_key='y')
+            loader = SelectiveLoader(dataset, batch_size=4, filter_ratio=0.8, scorer=scorer,
+                                     selection_scope=scope, num_workers=1)
+            epochs = []
+            for _ in range(2):
+                ids = []
+                for batch in loader:
+                    ids.append(batch['sample_id'].tolist())
+                    # A collective per step, as DDP would do: a rank with fewer batches hangs.
+                    dist.all_reduce(torch.ones(1))
+                epochs.append(ids)
+            out[scope] = {'epochs': epochs, 'len': len(loader)}
+            del loader, dataset
+            gc.collect()  # streaming allows one live dataset per local folder
+        (out_dir / f'rank{rank}.json').write_text(json.dumps(out))
 
 
 def hugging_face_pool(n: int, *, shards: int = 4):
