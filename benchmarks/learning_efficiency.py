@@ -83,6 +83,7 @@ from jest_stream import (
     count_flops,
     get_criterion,
     get_selection_method,
+    remove_stale_shared_memory,
     score_flops,
     super_batch_size_for,
     train_step_flops,
@@ -1065,8 +1066,8 @@ def run_benchmark(config: Config, out: Path, *, name: str = 'learning_efficiency
         out (Path): Output folder.
         name (str): The benchmark's name (``learning_efficiency``, or a preset's).
         resume (bool): Keep the runs of an existing results file with the same ``config``.
-        clean_shm (bool): Run streaming's ``clean_stale_shared_memory()`` first; it unlinks
-            the streaming segments of every process on the machine, live ones included.
+        clean_shm (bool): First remove the shared memory that killed streaming jobs left
+            (``jest_stream.remove_stale_shared_memory``: segments no live process uses).
         progress (bool): Print progress, bars and one line per finished run.
         argv (Sequence[str], optional): The command line, for the run record.
 
@@ -1075,9 +1076,7 @@ def run_benchmark(config: Config, out: Path, *, name: str = 'learning_efficiency
     """
     say = print if progress else (lambda *_: None)
     if clean_shm:
-        from streaming.base.util import clean_stale_shared_memory
-
-        clean_stale_shared_memory()
+        remove_stale_shared_memory()
     run = report.start_run(name, argv, threads=config.threads)
     json_path, png_path = report.report_paths(out, name, config.quick)
     previous, earlier_seconds = _previous_runs(json_path, config, say) if resume else ([], 0.0)
@@ -1171,10 +1170,9 @@ def build_parser(name: str, preset: Config, quick: Config, description: str
                         help='only summarise again, redraw the plot and print the table of the '
                              'existing results file of this configuration (finished or not)')
     parser.add_argument('--clean-shm', action='store_true',
-                        help="run streaming's clean_stale_shared_memory() first: it unlinks the "
-                             'streaming segments of every process on the machine, so use it only '
-                             'when no other streaming job runs (a killed run of this benchmark '
-                             'does not need it: its local datasets skip stale segments)')
+                        help='first remove the shared memory that killed streaming jobs left '
+                             '(jest_stream.remove_stale_shared_memory: segments no live process '
+                             'uses; those of running jobs stay)')
     parser.add_argument('--resume', action='store_true',
                         help='keep the finished runs of an existing results file of the same '
                              'configuration and run only the missing ones')
