@@ -165,8 +165,8 @@ def test_the_logs_own_columns_are_never_reported_as_groups_or_flags(tmp_path, mo
 def test_candidates_outside_a_composer_selection_window_with_outside_window_first(
         tmp_path, mds_dir, make_streaming):
     # What docs/selection-log.md says of the candidate column: outside [start, end),
-    # outside_window='first' hands over the first b rows of the super-batch; every row drawn
-    # is then a candidate (n_candidates = B), none is scored, and the policy columns are null.
+    # outside_window='first' hands over the first b rows of the super-batch; they are the
+    # candidates (n_candidates = b), all selected, none is scored, the policy columns are null.
     log = SelectionLog(tmp_path / 'log')
     algorithm = JESTAlgorithm(filter_ratio=0.8, reference=DictClassifier(tiny_classifier(1)),
                               target_key='y', start=0.25, end=0.75, outside_window='first',
@@ -178,13 +178,15 @@ def test_candidates_outside_a_composer_selection_window_with_outside_window_firs
     frame = read_log(tmp_path / 'log').to_pandas()
     inside = []
     for step, rows in frame.groupby('step'):
-        assert len(rows) == B and rows['candidate'].all() and (rows['n_candidates'] == B).all()
-        assert rows['selected'].sum() == SUB
+        assert len(rows) == B and rows['selected'].sum() == SUB
         if rows['pressure'].isna().all():  # outside the window
             assert rows['score'].isna().all() and rows['filter_ratio_now'].isna().all()
-            assert rows['selected'].tolist() == [True] * SUB + [False] * (B - SUB)
+            first = [True] * SUB + [False] * (B - SUB)
+            assert rows['selected'].tolist() == first and rows['candidate'].tolist() == first
+            assert (rows['n_candidates'] == SUB).all()
             assert rows['order'].tolist()[:SUB] == list(range(SUB))
         else:
+            assert rows['candidate'].all() and (rows['n_candidates'] == B).all()
             assert rows['score'].notna().all() and (rows['pressure'] == 1).all()
             assert rows['filter_ratio_now'].iloc[0] == pytest.approx(0.8)
             inside.append(step)

@@ -436,7 +436,11 @@ class JESTAlgorithm(Algorithm):
         self._active = plan.pressure > 0
         step = self._step(config)
         if not self._active and self.outside_window == 'first' and n >= config.batch_size:
-            first = Selection(torch.arange(config.batch_size), None, n)
+            # The first b rows are all that was considered: the candidates, all selected (as
+            # outside_window='uniform' offers b random rows), so the log's selection rates
+            # do not count the rest as passed over.
+            rows = torch.arange(config.batch_size)
+            first = Selection(rows, None, config.batch_size, candidates=rows)
             state.batch = step.finish(batch, ids, first, epoch=epoch, index=index,
                                       timings=timings)
             return
