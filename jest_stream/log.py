@@ -98,6 +98,8 @@ FIXED_COLUMNS: dict[str, str] = {
     'mix': 'float32',
     'filter_ratio_now': 'float32',
 }
+#: Bytes of a value of each of them, as max_bytes_per_file counts it (a bool: 1).
+_FIXED_WIDTHS = {name: max(np.dtype(kind).itemsize, 1) for name, kind in FIXED_COLUMNS.items()}
 _NULLABLE = ('score', 'learner', 'reference', 'weight', 'pressure', 'mix', 'filter_ratio_now')
 _STEP_INTS = ('step', 'epoch', 'index', 'rank', 'n_candidates')
 _STEP_FLOATS = ('pressure', 'mix', 'filter_ratio_now')
@@ -396,7 +398,7 @@ class _Chunk:
 
     @property
     def nbytes(self) -> int:
-        return sum(int(a.nbytes) for a in self.rows.values()) + 32 * self.n
+        return _rows_nbytes(self.n, self.rows)
 
 
 def _arrow_column(name: str, values: np.ndarray) -> Any:
@@ -430,6 +432,42 @@ def _chunks_table(chunks: list[_Chunk], names: list[str]) -> Any:
             values = np.concatenate([c.rows[name] for c in chunks])
         arrays.append(_arrow_column(name, values))
     return pa.table(arrays, names=names)
+
+
+def _column_nbytes(values: Any) -> int:
+    """The bytes of one column's values: a numpy array (strings as objects) or an Arrow
+    array; see :func:`_rows_nbytes`."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if isinstance(values, np.ndarray):
+        if values.dtype == object:
+            return sum(4 + len(value.encode()) for value in values)
+        return len(values) * values.dtype.itemsize  # bools: 1 byte
+    if pa.types.is_string(values.type) or pa.types.is_large_string(values.type):
+        return 4 * len(values) + int(pc.sum(pc.binary_length(values)).as_py() or 0)
+    return len(values) * max(values.type.bit_width // 8, 1)
+
+
+def _rows_nbytes(n: int, columns: Mapping[str, Any]) -> int:
+    """The bytes of ``n`` rows of the log, as ``max_bytes_per_file`` counts them.
+
+    Every value takes its type's width (a bool 1 byte: 68 bytes a row for the log's own
+    columns), a string 4 bytes of offset plus its UTF-8 bytes. A run counts each step's
+    rows as they come, a resume the rows it reads back, with this one function: the count is
+    additive, so both start new files at the same steps.
+
+    Args:
+        n (int): Rows.
+        columns (Mapping[str, Any]): Their columns, each [n]: a step's numpy arrays
+            (:func:`step_rows`; strings as objects) or the Arrow columns of a table. A log
+            column missing there (a per-step value, held once) counts by its type.
+
+    Returns:
+        int: Bytes.
+    """
+    widths = sum(_FIXED_WIDTHS[name] for name in FIXED_COLUMNS if name not in columns)
+    return n * widths + sum(_column_nbytes(values) for values in columns.values())
 
 
 # The log
@@ -536,8 +574,10 @@ class SelectionLog:
         max_rows_per_file (int): Rows per file; a new file starts at the first super-batch
             that would go past it (a super-batch is never split).
         max_bytes_per_file (int, optional): Also start a new file when the rows of the open
-            one would take more than this many bytes in memory (on disk a file takes 3 to 5
-            times less).
+            one would take more than this many bytes in memory: each value its type's width
+            (68 bytes a row for the log's own columns), each string 4 bytes plus its UTF-8
+            bytes. A resumed run counts the rows it reads back the same way, so it starts the
+            same files. On disk a file takes 3 to 5 times less.
         max_files (int, optional): Keep only this many files of each rank; the oldest are
             deleted (their rows are gone for good, also for a resume before them).
         overwrite (bool): Delete this rank's files of an earlier run in ``path`` first.
@@ -582,7 +622,7 @@ class SelectionLog:
         self._first_step = 0          # first step of the open file
         self._table: Any = None       # its rows already in a table (written or loaded)
         self._pending: list[_Chunk] = []
-        self._bytes = 0               # of the open file's rows, in memory
+        self._bytes = 0               # of the open file's rows, in memory (_rows_nbytes)
         self._rows = 0                # of the open file
         self._written = True          # the open file on disk holds every row of it
         #: Rows logged, files written, and the seconds spent (wall-clock, and this thread's
@@ -847,7 +887,9 @@ class SelectionLog:
         last = kept[-1]
         self._start_file(last.first_step)
         self._table = table
-        self._bytes, self._rows = int(table.nbytes), table.num_rows
+        self._bytes = _rows_nbytes(table.num_rows,
+                                   {name: table.column(name) for name in table.column_names})
+        self._rows = table.num_rows
         self._names = list(table.schema.names)
         if removed:
             self._write_atomically(table, last.path)

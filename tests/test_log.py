@@ -431,26 +431,32 @@ def test_state_dict_writes_every_row_and_a_resume_cuts_the_rows_after_it(tmp_pat
     retyped._pending = []  # the refused rows: nothing left to write at exit
 
 
-def test_a_resume_rotates_by_bytes_as_an_uninterrupted_run_does(tmp_path):
-    # Strings of 8 to 11 characters (some of them two bytes long in UTF-8): a file holds
-    # three or four steps of 40 rows.
+@pytest.mark.parametrize('length, max_bytes', [(0, 10_000), (200, 40_000)])
+def test_a_resume_rotates_by_bytes_as_an_uninterrupted_run_does(tmp_path, length, max_bytes):
+    # Strings of 8 to 11 characters, or of 200 (some of them two bytes long in UTF-8): a file
+    # holds three or four steps of 40 rows, the strings' bytes counted.
     config = SelectionConfig.create(batch_size=8, super_batch_size=40)
 
     def steps(log, first, last):
         step = SelectionStep(config, _scores, record=log.record)
         for index in range(first, last):
-            names = [f'{"é" * (i % 3)}sample {40 * index + i}' for i in range(40)]
+            names = [f'{"é" * (i % 3)}sample {40 * index + i}'.ljust(length, '.')
+                     for i in range(40)]
             step({**_super_batch(40, index), 'name': names}, torch.arange(40) + 40 * index,
                  epoch=0, index=index)
 
     def log_at(name):
-        return SelectionLog(tmp_path / name, columns=['name'], max_bytes_per_file=10_000)
+        return SelectionLog(tmp_path / name, columns=['name'], max_bytes_per_file=max_bytes)
 
     whole = log_at('whole')
     steps(whole, 0, 12)
     whole.close()
-    names = [f.path.name for f in log_files(tmp_path / 'whole')]
+    files = log_files(tmp_path / 'whole')
+    names = [f.path.name for f in files]
     assert len(names) >= 3
+    for file in files:  # the strings held in memory stay within the bound
+        strings = pq.read_table(file.path, columns=['name'])['name']
+        assert pa.compute.sum(pa.compute.binary_length(strings)).as_py() <= max_bytes
     for saved in range(1, 12):
         killed = log_at(f'at{saved}')
         steps(killed, 0, saved)
