@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 import shutil
@@ -14,11 +15,12 @@ import pandas
 import pytest
 import torch
 from composer import Trainer
-from composer.core import Algorithm, Event
+from composer.core import Algorithm, Evaluator, Event
 from composer.loggers import InMemoryLogger
 from composer.models import ComposerClassifier
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+from torchmetrics.classification import MulticlassAccuracy
 
 from helpers.composer import (  # noqa: F401 (one_thread is an autouse fixture)
     SUB,
@@ -33,8 +35,12 @@ from helpers.composer import (  # noqa: F401 (one_thread is an autouse fixture)
 from helpers.data import N_CLASSES, features_and_labels
 from helpers.models import tiny_classifier
 from jest_stream import (
+    AdaptivePressure,
     ClassificationScorer,
+    ProxyScorer,
+    SelectionPolicy,
     SelectiveLoader,
+    StateError,
     collate_samples,
     get_criterion,
     read_log,
@@ -415,5 +421,157 @@ def test_bad_settings_fail_early_with_the_fix(mds_dir, make_streaming):
                              filter_ratio=0.8, criterion='uniform')
     trainer = _trainer(loader, JESTAlgorithm(filter_ratio=0.8, criterion='uniform'), model=model)
     with pytest.raises(TypeError, match='not both'):
+        trainer.fit()
+    trainer.close()
+
+
+# A learning scorer's state, all-or-nothing loads and evaluations
+
+def _save_at_batch_3(state, event):
+    return event == Event.BATCH_CHECKPOINT and int(state.timestamp.batch) == 3
+
+
+class ProxyFactory:
+    """``scorer_factory`` building a ProxyScorer whose proxy starts from ``seed``'s weights."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+        self.scorer: ProxyScorer | None = None
+
+    def __call__(self, model):
+        inner = ClassificationScorer(DictClassifier(tiny_classifier(self.seed)), _reference(),
+                                     target_key='y', forward=call_model)
+        self.scorer = ProxyScorer(inner, optimizer=functools.partial(torch.optim.SGD, lr=0.5))
+        return self.scorer
+
+
+def _proxy_run(tmp_path, make_streaming, mds_dir, *, seed, load_path=None, save=False):
+    factory = ProxyFactory(seed)
+    trained = TrainedBatches()
+    algorithm = JESTAlgorithm(filter_ratio=0.8, scorer_factory=factory, n_chunks=2)
+    extra = {'save_folder': str(tmp_path / 'ckpt'), 'save_interval': _save_at_batch_3} \
+        if save else {}
+    trainer = fit(_trainer(_loader(make_streaming, mds_dir), algorithm, callbacks=[trained],
+                           max_duration='6ba', load_path=load_path, **extra))
+    weights = [p.detach().clone() for p in trainer.state.model.parameters()]
+    del trainer
+    gc.collect()
+    return factory.scorer, trained.ids, weights
+
+
+def test_a_proxy_scorer_resumes_from_composer_checkpoints(tmp_path, mds_dir, make_streaming):
+    full, full_ids, full_weights = _proxy_run(tmp_path, make_streaming, mds_dir, seed=2,
+                                              save=True)
+    assert full.updates == 6
+    # The resumed run's factory builds its proxy from other weights at FIT_START, after the
+    # checkpoint was loaded: the saved state waits for it.
+    resumed, ids, weights = _proxy_run(tmp_path, make_streaming, mds_dir, seed=5,
+                                       load_path=str(tmp_path / 'ckpt' / 'ep0-ba3-rank0.pt'))
+    assert resumed.updates == 6, 'the proxy restarted instead of continuing'
+    expected = full.state_dict()
+    for key, value in resumed.state_dict()['model'].items():
+        torch.testing.assert_close(value, expected['model'][key], rtol=0, atol=0)
+    assert ids == full_ids[3:]
+    _assert_same_weights(weights, full_weights)
+
+
+def test_a_learning_scorer_state_and_a_scorer_that_does_not_learn_are_refused(
+        tmp_path, mds_dir, make_streaming):
+    _proxy_run(tmp_path / 'proxy', make_streaming, mds_dir, seed=2, save=True)
+    with pytest.raises(StateError, match='does not learn: resume with the scorer'):
+        _trainer(_loader(make_streaming, mds_dir),
+                 JESTAlgorithm(filter_ratio=0.8, reference=_reference(), target_key='y'),
+                 load_path=str(tmp_path / 'proxy' / 'ckpt' / 'ep0-ba3-rank0.pt'))
+    fit(_trainer(_loader(make_streaming, mds_dir),
+                 JESTAlgorithm(filter_ratio=0.8, reference=_reference(), target_key='y'),
+                 max_duration='3ba', save_folder=str(tmp_path / 'plain'), save_interval='3ba'))
+    # The factory builds the proxy at FIT_START: the state is refused there.
+    trainer = _trainer(_loader(make_streaming, mds_dir),
+                       JESTAlgorithm(filter_ratio=0.8, scorer_factory=ProxyFactory(2)),
+                       max_duration='6ba', load_path=str(tmp_path / 'plain' / 'ep0-ba3-rank0.pt'))
+    with pytest.raises(StateError, match='holds none of its state'):
+        trainer.fit()
+    trainer.close()
+
+
+def _adaptive_algorithm(selection_log) -> JESTAlgorithm:
+    # A mean learnability never above min_learnability: the pressure eases every window.
+    policy = SelectionPolicy(adaptive=AdaptivePressure(window=1, min_learnability=1e9))
+    return JESTAlgorithm(filter_ratio=0.8, reference=_reference(), target_key='y',
+                         policy=policy, selection_log=selection_log)
+
+
+def test_a_refused_state_changes_nothing(tmp_path, mds_dir, make_streaming):
+    saved = _adaptive_algorithm(tmp_path / 'log')
+    fit(_trainer(_loader(make_streaming, mds_dir), saved, max_duration='4ba',
+                 save_folder=str(tmp_path / 'ckpt'), save_interval='4ba'))
+    assert saved.policy.adaptive.multiplier < 1.0
+    # Resumed with a log folder that lacks the saved run's rows: the log refuses, after the
+    # policy's state was loaded; the policy must be as it was.
+    resumed = _adaptive_algorithm(tmp_path / 'other')
+    before = resumed.policy.state_dict()
+    with pytest.raises(StateError, match='selection log'):
+        _trainer(_loader(make_streaming, mds_dir), resumed, max_duration='6ba',
+                 load_path=str(tmp_path / 'ckpt' / 'ep0-ba4-rank0.pt'))
+    assert resumed.policy.state_dict() == before
+    assert resumed.policy.adaptive.multiplier == 1.0
+    assert (resumed.batches_selected, resumed.samples_trained) == (0, 0)
+
+
+class TwoMetricClassifier(DictClassifier):
+    """Evaluated with accuracy and top-2 accuracy (an evaluator can have either)."""
+
+    def __init__(self, module):
+        super().__init__(module)
+        self.accuracy = MulticlassAccuracy(num_classes=N_CLASSES, average='micro')
+        self.top_two = MulticlassAccuracy(num_classes=N_CLASSES, average='micro', top_k=2)
+
+    def get_metrics(self, is_train=False):
+        return {} if is_train else {'MulticlassAccuracy': self.accuracy, 'TopTwo': self.top_two}
+
+    def update_metric(self, batch, outputs, metric):
+        metric.update(outputs, batch['y'])
+
+
+def _evaluators(make_streaming, mds_dir) -> list[Evaluator]:
+    def loader():
+        return _loader(make_streaming, mds_dir, shuffle=False)
+    return [Evaluator(label='first', dataloader=loader(), metric_names=['MulticlassAccuracy']),
+            Evaluator(label='second', dataloader=loader(), metric_names=['MulticlassAccuracy'],
+                      subset_num_batches=1),
+            Evaluator(label='other', dataloader=loader(), metric_names=['TopTwo'])]
+
+
+@pytest.mark.parametrize('eval_label', [None, 'second'])
+def test_each_evaluator_reports_its_own_metric(mds_dir, make_streaming, eval_label):
+    # A window longer than the run: every reported value stays in the pressure's state.
+    policy = SelectionPolicy(adaptive=AdaptivePressure(window=100))
+    algorithm = JESTAlgorithm(filter_ratio=0.8, reference=_reference(), target_key='y',
+                              policy=policy, eval_metric='MulticlassAccuracy',
+                              **({} if eval_label is None else {'eval_label': eval_label}))
+    memory = InMemoryLogger()
+    fit(_trainer(_loader(make_streaming, mds_dir), algorithm, loggers=[memory],
+                 model=TwoMetricClassifier(tiny_classifier(0)), max_duration='4ba',
+                 eval_dataloader=_evaluators(make_streaming, mds_dir), eval_interval='2ba'))
+    logged = {label: [float(v) for _, v in memory.data[f'metrics/{label}/MulticlassAccuracy']]
+              for label in ('first', 'second')}
+    assert len(logged['first']) == len(logged['second']) == 2
+    assert logged['first'] != logged['second'], 'the evaluators must differ for the test'
+    labels = ['first', 'second'] if eval_label is None else [eval_label]
+    expected = [[steps, logged[label][i]] for i, steps in enumerate((2, 4)) for label in labels]
+    assert algorithm.policy.adaptive.state_dict()['metrics'] == expected
+
+
+def test_an_eval_label_without_the_metric_is_refused(mds_dir, make_streaming):
+    policy = SelectionPolicy(adaptive=AdaptivePressure(window=100))
+    with pytest.raises(ValueError, match='eval_label'):
+        JESTAlgorithm(filter_ratio=0.8, reference=_reference(), policy=policy, eval_label='a')
+    algorithm = JESTAlgorithm(filter_ratio=0.8, reference=_reference(), target_key='y',
+                              policy=policy, eval_metric='MulticlassAccuracy',
+                              eval_label='other')
+    trainer = _trainer(_loader(make_streaming, mds_dir), algorithm,
+                       model=TwoMetricClassifier(tiny_classifier(0)), max_duration='2ba',
+                       eval_dataloader=_evaluators(make_streaming, mds_dir), eval_interval='2ba')
+    with pytest.raises(ValueError, match="eval_label='other'"):
         trainer.fit()
     trainer.close()

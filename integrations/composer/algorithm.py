@@ -9,6 +9,7 @@ so samples are counted raw and Composer's own dataset checkpoint resumes the dat
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import os
@@ -32,6 +33,7 @@ from jest_stream.log import as_recorder
 from jest_stream.losses import per_example_cross_entropy
 from jest_stream.policies import Progress, Schedule, SelectionPolicy
 from jest_stream.scoring import ClassificationScorer, ColumnReference, ReferenceTable
+from jest_stream.scoring.base import LearningScorer
 from jest_stream.scoring.reference import resolve_reference
 from jest_stream.step import Recorder, Selection, SelectionStep, StepResult
 from jest_stream.telemetry import score_statistics
@@ -144,14 +146,26 @@ class JESTAlgorithm(Algorithm):
         autocast (torch.dtype, optional): Score under ``torch.autocast`` in this dtype, inside
             the run's own precision context.
         eval_metric (str, optional): Name of an evaluation metric (``MulticlassAccuracy``)
-            whose value at each ``EVAL_END`` is reported to the policy's
-            :class:`~jest_stream.policies.AdaptivePressure`.
+            reported to the policy's :class:`~jest_stream.policies.AdaptivePressure`.
+            Composer fires ``EVAL_END`` once per evaluator; at each, the value of the
+            evaluator that just ran (``state.dataloader_label``) is reported when that
+            evaluator has the metric, so with ``eval_label=None`` every evaluator that has it
+            reports its own value once per evaluation (give ``eval_label`` when several
+            evaluators have it and only one held-out set should steer the pressure).
+        eval_label (str, optional): Label of the one evaluator whose ``eval_metric`` is
+            reported; the others are ignored. Needs ``eval_metric``.
         selection_log (str | PathLike | Recorder, optional): Records every super-batch: a
             folder (a :class:`~jest_stream.log.SelectionLog` there), or a ``SelectionLog``
             built with columns of the batch to log (and ``streams=`` the dataset, to log the
             stream of each sample). Each rank writes its own files. Flushed whenever Composer
             saves a checkpoint, cut back to the checkpoint's position when a run resumes from
             it, closed at ``FIT_END``.
+
+    A scorer that learns (a :class:`~jest_stream.ProxyScorer` built by ``scorer_factory``, or
+    assigned to ``scorer`` before training) is part of the checkpointed state: its weights,
+    optimizer state and update count are saved with the algorithm's and restored on resume
+    (when the scorer is built after the state is loaded, as a factory's is at ``FIT_START``,
+    the state waits and is applied as soon as the scorer exists).
 
     Raises:
         SettingError: A setting out of range, unknown or inconsistent with another.
@@ -170,7 +184,8 @@ class JESTAlgorithm(Algorithm):
                  outside_window: str = 'uniform', id_key: str | int | None = 'sample_id',
                  batch_transform: Callable[[Batch], Batch] | None = None,
                  count_flops: bool = False, policy: SelectionPolicy | None = None,
-                 eval_metric: str | None = None, autocast: torch.dtype | None = None,
+                 eval_metric: str | None = None, eval_label: str | None = None,
+                 autocast: torch.dtype | None = None,
                  selection_log: Recorder | str | os.PathLike[str] | None = None) -> None:
         if (filter_ratio is None) == (batch_size is None):
             raise SettingError('give exactly one of filter_ratio=... or batch_size=... (the '
@@ -200,7 +215,11 @@ class JESTAlgorithm(Algorithm):
             raise SettingError(f'eval_metric={eval_metric!r} names the evaluation metric '
                                f'reported to the policy\'s AdaptivePressure: give a metric name '
                                f'and policy=SelectionPolicy(adaptive=AdaptivePressure(...))')
+        if eval_label is not None and (not isinstance(eval_label, str) or eval_metric is None):
+            raise SettingError(f'eval_label={eval_label!r} names the evaluator whose eval_metric '
+                               f'is reported: give an evaluator label and eval_metric=...')
         self.eval_metric = eval_metric
+        self.eval_label = eval_label
         self.selection_log = as_recorder(selection_log)
         check_key(id_key, 'id_key', optional=True)
         check_key(target_key, 'target_key')
@@ -215,6 +234,8 @@ class JESTAlgorithm(Algorithm):
         self.id_key = id_key
         self._explicit_seed = seed
         self.scorer: Any = None
+        # A learning scorer's state loaded before the scorer was built: (loaded, state).
+        self._pending_scorer: tuple[bool, dict[str, Any] | None] = (False, None)
         self.batches_selected = 0
         self.batches_outside = 0
         self.samples_trained = 0
@@ -273,22 +294,56 @@ class JESTAlgorithm(Algorithm):
             self.selection_log.close()
 
     def state_dict(self) -> dict[str, Any]:
-        """Plain Python values: the seed, counters, the policy's state and the selection
-        log's position (positions in the data come from the timestamp). Writes every row of
-        the selection log logged so far."""
+        """Plain Python values: the seed, counters, the policy's state, a learning scorer's
+        state (a ProxyScorer's weights, optimizer and updates; None for a scorer that does not
+        learn) and the selection log's position (positions in the data come from the
+        timestamp). Writes every row of the selection log logged so far."""
         return {'version': STATE_VERSION, 'seed': self.seed,
                 'batches_selected': self.batches_selected,
                 'batches_outside': self.batches_outside,
                 'samples_trained': self.samples_trained,
                 'policy': self.policy.state_dict(),
+                'scorer': self._scorer_state(),
                 'log': None if self.selection_log is None else self.selection_log.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`; an explicit ``seed`` must match the saved one.
+        """Restore :meth:`state_dict`, all of it or nothing; an explicit ``seed`` must match
+        the saved one.
+
+        The fields are checked first; then the policy's, the scorer's and the selection log's
+        states are loaded, each checking its own, and one that refuses puts back those loaded
+        before it (the log, which may cut files, goes last). A scorer built later (by
+        ``scorer_factory`` at ``FIT_START``) gets its saved state as soon as it exists.
 
         Raises:
-            StateError: Another version, a missing or ill-typed field, or another seed.
+            StateError: Another version, a missing or ill-typed field, another seed, a state
+                that does not fit the policy, the scorer or the selection log (another run's
+                folder), or a learning scorer's state for a scorer that does not learn (or
+                the reverse).
         """
+        saved = self._check_state(state)
+        policy = self.policy.state_dict()
+        learns = isinstance(self.scorer, LearningScorer)
+        scorer = self.scorer.state_dict() if learns else None
+        pending = self._pending_scorer
+        try:
+            self.policy.load_state_dict(state.get('policy', {}))
+            self._load_scorer_state(state.get('scorer'))
+            if self.selection_log is not None:
+                self.selection_log.load_state_dict(state.get('log') or {})
+        except BaseException:
+            self.policy.load_state_dict(policy)
+            if learns:
+                self.scorer.load_state_dict(scorer)
+            self._pending_scorer = pending
+            raise
+        self._set_seed(saved)
+        self.batches_selected = state['batches_selected']
+        self.batches_outside = state['batches_outside']
+        self.samples_trained = state['samples_trained']
+
+    def _check_state(self, state: Any) -> int | None:
+        """Check the fields of a state before anything changes; the saved seed."""
         if not isinstance(state, Mapping) or state.get('version') != STATE_VERSION:
             version = state.get('version') if isinstance(state, Mapping) else None
             raise StateError(f'JESTAlgorithm state version {version!r} is not '
@@ -298,6 +353,10 @@ class JESTAlgorithm(Algorithm):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise StateError(f'the JESTAlgorithm state has {key}={value!r}; expected an '
                                  f'int >= 0')
+        scorer = state.get('scorer')
+        if scorer is not None and not isinstance(scorer, Mapping):
+            raise StateError(f'the JESTAlgorithm state has scorer={type(scorer).__name__}; '
+                             f'expected a learning scorer\'s state (a dict) or None')
         saved = state.get('seed')
         if saved is not None and (isinstance(saved, bool) or not isinstance(saved, int)):
             raise StateError(f'the JESTAlgorithm state has seed={saved!r}; expected an int')
@@ -306,13 +365,45 @@ class JESTAlgorithm(Algorithm):
                 f'the checkpoint selected with seed={saved} but this JESTAlgorithm has '
                 f'seed={self._explicit_seed}; resume with the same seed (or seed=None to take the '
                 f'saved one) or selections will not continue exactly')
-        self.policy.load_state_dict(state.get('policy', {}))
-        if self.selection_log is not None:
-            self.selection_log.load_state_dict(state.get('log') or {})
-        self._set_seed(saved)
-        self.batches_selected = state['batches_selected']
-        self.batches_outside = state['batches_outside']
-        self.samples_trained = state['samples_trained']
+        return saved
+
+    # A learning scorer's state
+
+    def _scorer_learns(self) -> bool | None:
+        """Whether the scorer learns; None while a ``scorer_factory`` has yet to build it."""
+        if self.scorer is not None:
+            return isinstance(self.scorer, LearningScorer)
+        if not self.criterion.scores or self.scorer_factory is None:
+            return False  # no scorer, or the default one, which does not learn
+        return None
+
+    def _scorer_state(self) -> dict[str, Any] | None:
+        """A learning scorer's state (copies); a loaded one while the scorer is not built."""
+        loaded, pending = self._pending_scorer
+        if loaded:
+            return copy.deepcopy(pending)
+        return self.scorer.state_dict() if isinstance(self.scorer, LearningScorer) else None
+
+    def _load_scorer_state(self, saved: dict[str, Any] | None) -> None:
+        learns = self._scorer_learns()
+        if learns is None:  # the factory builds the scorer at FIT_START: keep the state
+            self._pending_scorer = (True, copy.deepcopy(saved))
+            return
+        _check_scorer_state(learns, saved, self.scorer)
+        if learns:
+            self.scorer.load_state_dict(saved)
+        self._pending_scorer = (False, None)
+
+    def _apply_pending_scorer_state(self) -> None:
+        """Give a scorer built after the state was loaded its saved state."""
+        loaded, saved = self._pending_scorer
+        if not loaded or self.scorer is None:
+            return
+        learns = isinstance(self.scorer, LearningScorer)
+        _check_scorer_state(learns, saved, self.scorer)
+        if learns:
+            self.scorer.load_state_dict(saved)
+        self._pending_scorer = (False, None)
 
     def _set_seed(self, seed: int | None) -> None:
         self.config = _replace(self.config, seed=seed)
@@ -347,6 +438,7 @@ class JESTAlgorithm(Algorithm):
         _resume_streaming_epoch_boundary(state)
         if self.criterion.scores and self.scorer is None:
             self.scorer = self._build_scorer(state)
+        self._apply_pending_scorer_state()
         self._step_ = None
 
     def _size(self, super_batch: int) -> SelectionConfig:
@@ -379,6 +471,7 @@ class JESTAlgorithm(Algorithm):
 
     def _step(self, config: SelectionConfig) -> SelectionStep:
         if self._step_ is None:
+            self._apply_pending_scorer_state()
             self._step_ = SelectionStep(config, self.scorer, batch_transform=self.batch_transform,
                                         record=self._record)
         return self._step_
@@ -455,15 +548,30 @@ class JESTAlgorithm(Algorithm):
                                   timings=timings)
 
     def _report_eval(self, state: State) -> None:
-        """Report the evaluation metric ``eval_metric`` to the adaptive pressure."""
-        for metrics in state.eval_metrics.values():
-            metric = metrics.get(self.eval_metric)
+        """Report ``eval_metric`` of the evaluator that just ran (``state.dataloader_label``)
+        to the adaptive pressure, when it has the metric (and is ``eval_label``, if given).
+
+        Raises:
+            SettingError: No evaluator has the metric, or ``eval_label`` names no evaluator
+                that has it: nothing would ever be reported.
+        """
+        label = state.dataloader_label
+        if self.eval_label is None or label == self.eval_label:
+            metric = state.eval_metrics.get(label, {}).get(self.eval_metric)
             if metric is not None:
                 self.policy.report(int(state.timestamp.batch), float(metric.compute()))
                 return
-        raise SettingError(f'eval_metric={self.eval_metric!r} is not a metric of any '
-                           f'evaluator; the evaluators have '
-                           f'{sorted({m for ms in state.eval_metrics.values() for m in ms})}')
+        having = [name for name, metrics in state.eval_metrics.items()
+                  if self.eval_metric in metrics]
+        reported_elsewhere = bool(having) if self.eval_label is None else self.eval_label in having
+        if reported_elsewhere:
+            return  # another evaluator's turn
+        wanted = 'any evaluator' if self.eval_label is None else \
+            f'the evaluator eval_label={self.eval_label!r}'
+        raise SettingError(
+            f'eval_metric={self.eval_metric!r} is not a metric of {wanted}; the evaluators '
+            f'have {({name: sorted(metrics) for name, metrics in state.eval_metrics.items()})}: '
+            f'name one of their metrics (and labels)')
 
     def _warn_short(self, n: int, sub: int) -> None:
         if not self._warned_short:
@@ -500,6 +608,20 @@ class JESTAlgorithm(Algorithm):
             self._logger.log_metrics(metrics)
         if self.selection_log is not None:
             self.selection_log.record(result)
+
+
+def _check_scorer_state(learns: bool, saved: dict[str, Any] | None, scorer: Any) -> None:
+    """Refuse a learning scorer's state for a scorer that does not learn, and the reverse."""
+    if learns and saved is None:
+        raise StateError(
+            f'the scorer learns ({type(scorer).__name__}, a proxy learner) but the JESTAlgorithm '
+            f'state holds none of its state: it was saved with a scorer that does not learn. '
+            f'Resume with the scorer it was saved with, or start the proxy afresh in a new run')
+    if not learns and saved is not None:
+        raise StateError(
+            'the JESTAlgorithm state holds a learning scorer\'s state (a ProxyScorer\'s) but '
+            'this algorithm\'s scorer does not learn: resume with the scorer it was saved with '
+            '(scorer_factory=lambda model: ProxyScorer(...))')
 
 
 def _window_policy(policy: SelectionPolicy | None, start: float, end: float
