@@ -45,6 +45,10 @@ __all__ = [
     'SelectionPolicy',
 ]
 
+# Windows whose multipliers are kept for positions asked again (a resume reads at most
+# prefetch_depth <= window super-batches behind the latest plan).
+_KEPT_WINDOWS = 4
+
 PROGRESS_UNITS = ('steps', 'samples', 'fraction')
 RAMP_SHAPES = ('linear', 'cosine')
 
@@ -157,9 +161,12 @@ class AdaptivePressure:
     - the mean learnability of the candidates (``score_all_mean``; the learner's loss minus
       the reference's) at or below ``min_learnability`` means the learner has caught up
       with the reference there: the multiplier is multiplied by ``decay``; above it, divided
-      by ``decay`` (up to 1);
+      by ``decay`` (up to 1). A window where nothing was scored (a pressure so low that
+      only ``b`` candidates are drawn, a schedule's warm-up) counts as above it: selection
+      gets to show again whether it pays, so a low multiplier never stays stuck;
     - a held-out metric reported with :meth:`report` (``mode='max'`` when higher is better)
-      that is worse than the best so far multiplies it by ``decay`` too.
+      that is worse than the best so far multiplies it by ``decay`` too (an equal one
+      changes nothing).
 
     Attributes:
         window (int): Steps per window (at least the process scoring's ``prefetch_depth``).
@@ -179,6 +186,7 @@ class AdaptivePressure:
     _metrics: list[tuple[int, float]] = field(default_factory=list)
     _best: float | None = None
     _updated_to: int = 0
+    _history: dict[int, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check_int(self.window, 'window', low=1)
@@ -201,32 +209,42 @@ class AdaptivePressure:
         self._metrics.append((int(steps), float(value)))
 
     def multiplier_at(self, steps: int) -> float:
-        """The multiplier for the super-batch at ``steps`` (updates it window by window)."""
+        """The multiplier for the super-batch at ``steps`` (updates it window by window).
+
+        Plans may be asked ahead of the trainer (process scoring reads ahead up to
+        ``prefetch_depth`` super-batches), and a checkpoint then holds the state of a later
+        window: the multipliers of the last windows are kept, so an earlier position asked
+        again (after a resume, or an epoch left early) gets the multiplier it had.
+        """
         window = steps // self.window
         while self._updated_to < window:
             self._updated_to += 1
             self._update(self._updated_to)
-        return self.multiplier
+            self._history[self._updated_to] = self.multiplier
+            for old in [w for w in self._history if w < self._updated_to - _KEPT_WINDOWS]:
+                del self._history[old]
+        return self._history.get(window, self.multiplier)
 
     def _update(self, window: int) -> None:
         # Window w's plan reads window w - 2 (ended a full window before w begins) and the
         # metrics reported by its end.
         source = window - 2
         sums = self._window_sums.pop(source, None)
-        if sums is not None and sums[1] > 0:
-            if sums[0] / sums[1] <= self.min_learnability:
-                self.multiplier = max(self.floor, self.multiplier * self.decay)
-            else:
-                self.multiplier = min(1.0, self.multiplier / self.decay)
+        if sums is not None and sums[1] > 0 \
+                and sums[0] / sums[1] <= self.min_learnability:
+            self.multiplier = max(self.floor, self.multiplier * self.decay)
+        elif source >= 0:
+            # Learnability above the threshold, or none measured: a pressure so low that
+            # nothing was scored cannot show that selection pays again, so it recovers.
+            self.multiplier = min(1.0, self.multiplier / self.decay)
         limit = (source + 1) * self.window
         reported = [v for s, v in self._metrics if s <= limit]
         self._metrics = [(s, v) for s, v in self._metrics if s > limit]
         for value in reported:
-            better = self._best is None or (value > self._best if self.mode == 'max'
-                                            else value < self._best)
-            if better:
+            if self._best is None or (value > self._best if self.mode == 'max'
+                                      else value < self._best):
                 self._best = value
-            else:
+            elif value != self._best:  # worse than the best so far; an equal one is not
                 self.multiplier = max(self.floor, self.multiplier * self.decay)
         for old in [w for w in self._window_sums if w < source]:
             del self._window_sums[old]
@@ -235,7 +253,8 @@ class AdaptivePressure:
         """The multiplier and what decides its next change (plain Python values)."""
         return {'multiplier': self.multiplier, 'updated_to': self._updated_to,
                 'best': self._best, 'metrics': [list(m) for m in self._metrics],
-                'window_sums': {str(k): list(v) for k, v in self._window_sums.items()}}
+                'window_sums': {str(k): list(v) for k, v in self._window_sums.items()},
+                'history': {str(k): v for k, v in self._history.items()}}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict`: all of it, or nothing when it is not valid.
@@ -249,11 +268,12 @@ class AdaptivePressure:
             metrics = [(int(s), float(v)) for s, v in state['metrics']]
             window_sums = {int(k): [float(a), float(b)]
                            for k, (a, b) in state['window_sums'].items()}
+            history = {int(k): float(v) for k, v in state.get('history', {}).items()}
         except (KeyError, TypeError, ValueError) as error:
             raise StateError(f'the adaptive pressure state is not one this version saved: '
                              f'{error!r}') from None
         self.multiplier, self._updated_to, self._best = multiplier, updated_to, best
-        self._metrics, self._window_sums = metrics, window_sums
+        self._metrics, self._window_sums, self._history = metrics, window_sums, history
 
 
 @dataclass(frozen=True)

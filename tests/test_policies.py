@@ -165,6 +165,24 @@ def test_adaptive_pressure_eases_when_learnability_is_gone_and_recovers():
     assert adaptive.multiplier_at(50) == 0.5    # the reports up to step 40, read at 50
 
 
+def test_adaptive_pressure_recovers_from_windows_where_nothing_was_scored():
+    adaptive = AdaptivePressure(window=2, decay=0.5, min_learnability=0.0)
+    for step in range(8):
+        adaptive.observe(step, -1.0)  # learnability gone: the pressure eases
+    assert adaptive.multiplier_at(9) == 0.125   # windows 0, 1 and 2 read
+    assert adaptive.multiplier_at(11) == 0.0625
+    # Low enough that only b candidates are drawn: nothing is scored, nothing observed, and
+    # each such window gives the pressure back.
+    assert adaptive.multiplier_at(13) == 0.125
+    assert adaptive.multiplier_at(19) == 1.0
+    # An equal metric is not a worse one; a worse one eases the pressure.
+    adaptive.report(19, 0.5)
+    adaptive.report(20, 0.5)
+    assert adaptive.multiplier_at(23) == 1.0
+    adaptive.report(23, 0.4)
+    assert adaptive.multiplier_at(27) == 0.5
+
+
 def test_adaptive_policy_resumes_exactly_and_reports_through_the_loader():
     def make():
         policy = SelectionPolicy(adaptive=AdaptivePressure(window=3, decay=0.5,
@@ -189,6 +207,47 @@ def test_adaptive_policy_resumes_exactly_and_reports_through_the_loader():
     with pytest.raises(SettingError, match='AdaptivePressure'):
         SelectiveLoader(_tensors(), batch_size=8, filter_ratio=0.8, scorer=_scorer()
                         ).report_metric(1.0)
+
+
+def test_adaptive_multipliers_asked_ahead_are_given_again_after_a_resume():
+    # Process scoring plans up to prefetch_depth super-batches ahead of the trainer, so a
+    # checkpoint holds the state of a later window than the position it resumes from.
+    def pressure():
+        return AdaptivePressure(window=4, decay=0.5, min_learnability=10.0)
+
+    inline, ahead = pressure(), pressure()
+    given = {}
+    for step in range(16):
+        given[step] = inline.multiplier_at(step)  # asked in the trainer's order
+        inline.observe(step, 0.0)
+    assert len(set(given.values())) > 2
+    for step in range(16):
+        ahead.multiplier_at(step + 4)  # planned ahead
+        assert ahead.multiplier_at(step) == given[step], step
+        ahead.observe(step, 0.0)
+    resumed = pressure()
+    resumed.load_state_dict(ahead.state_dict())
+    assert [resumed.multiplier_at(step) for step in range(12, 16)] == \
+        [given[step] for step in range(12, 16)]
+
+
+@pytest.mark.parametrize('stop', [6, 7])
+def test_adaptive_policy_resumes_exactly_with_process_scoring(stop):
+    def make():
+        policy = SelectionPolicy(adaptive=AdaptivePressure(window=4, decay=0.5,
+                                                           min_learnability=10.0))
+        return SelectiveLoader(_tensors(), batch_size=8, filter_ratio=0.8, scorer=_scorer(),
+                               seed=5, policy=policy, scoring='process', prefetch_depth=4,
+                               timeout=60)
+
+    with make() as loader:
+        full = _ids(loader, 14)
+    with make() as first:
+        before = _ids(first, stop)
+        state = first.state_dict()
+    with make() as resumed:
+        resumed.load_state_dict(state)
+        assert before + _ids(resumed, 14 - stop) == full
 
 
 def test_adaptive_window_must_cover_the_prefetch_depth():
