@@ -25,7 +25,8 @@ from jest_stream.errors import DataError
 from jest_stream.selection import BatchScores
 from jest_stream.step import Selection
 
-__all__ = ['CommStats', 'GlobalScope', 'all_gather_rows', 'exchange_rows', 'rank_and_world']
+__all__ = ['CommStats', 'GlobalScope', 'all_gather_rows', 'device_for_collectives', 'exchange_rows',
+           'rank_and_world']
 
 
 @dataclass
@@ -43,8 +44,9 @@ def rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
-def _device_for_collectives(tensor: Tensor) -> torch.device:
-    # NCCL needs device tensors; gloo works on the CPU.
+def device_for_collectives(tensor: Tensor) -> torch.device:
+    """Where a collective over ``tensor`` runs: the current CUDA device under NCCL (which
+    needs device tensors), the tensor's own device otherwise (gloo works on the CPU)."""
     backend = dist.get_backend()
     return tensor.device if backend != 'nccl' else torch.device('cuda', torch.cuda.current_device())
 
@@ -63,7 +65,7 @@ def all_gather_rows(tensor: Tensor, stats: CommStats) -> Tensor:
     if world == 1:
         return tensor
     start = time.perf_counter()
-    device = _device_for_collectives(tensor)
+    device = device_for_collectives(tensor)
     # Not every backend gathers bools (gloo does not): they travel as bytes.
     local = tensor.to(device, torch.uint8 if tensor.dtype == torch.bool else None).contiguous()
     sizes = torch.tensor([local.shape[0]], device=device)

@@ -42,6 +42,7 @@ import torch.distributed as dist
 from torch.utils.data import IterableDataset
 
 from jest_stream.batch import Batch, collate_samples
+from jest_stream.distributed import device_for_collectives
 from jest_stream.errors import StateError
 from jest_stream.interrupts import interrupts_deferred
 
@@ -146,6 +147,7 @@ class IterableSource:
         if self.world_size == 1 or not (dist.is_available() and dist.is_initialized()):
             return bool(rows)
         flag = torch.tensor([1 if full else 0])
+        flag = flag.to(device_for_collectives(flag))  # NCCL reduces device tensors only
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         return bool(flag.item())
 
@@ -170,7 +172,8 @@ class IterableSource:
         Raises:
             StateError: That state is no longer kept (more than 64 super-batches ago).
         """
-        where = {'rank': self.rank, 'world_size': self.world_size}
+        where = {'rank': self.rank, 'world_size': self.world_size,
+                 'position': [epoch, consumed]}
         if not self.stateful:
             return {'stateful': False, **where}
         state = self._states.get((epoch, consumed - 1))
@@ -209,3 +212,6 @@ class IterableSource:
         to the position instead)."""
         if state is not None and self.stateful:
             self._resume = state.get('state')
+            epoch, consumed = state.get('position', (None, 0))
+            if consumed:  # so that a checkpoint before the next hand-over saves it again
+                self._keep((epoch, consumed - 1), self._resume)

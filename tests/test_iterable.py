@@ -40,22 +40,27 @@ def test_a_hugging_face_dataset_is_a_source_with_its_own_ids():
     assert operator.length_hint(loader, -1) == -1  # a TypeError, as len() expects
 
 
+@pytest.mark.parametrize('warmup', [0, 3])
 @pytest.mark.parametrize('stop_after', [2, 7])
-def test_resumption_through_the_state_protocol_is_exact(stop_after):
+def test_resumption_through_the_state_protocol_is_exact(stop_after, warmup):
     # 180 samples: 4 full super-batches and a partial one of 20 (>= 8: selected from).
-    policy = SelectionPolicy(schedule=Schedule(warmup=3, ramp=4))
+    policy = SelectionPolicy(schedule=Schedule(warmup=warmup, ramp=4 if warmup else 0))
     full = sub_batch_ids(_loader(hugging_face_pool(180), id_key='uid', policy=policy), 13, 'uid')
     first = _loader(hugging_face_pool(180), id_key='uid', policy=policy)
     before = sub_batch_ids(first, stop_after, 'uid')
     state = first.state_dict()
     resumed = _loader(hugging_face_pool(180), id_key='uid', policy=policy)
     resumed.load_state_dict(state)
+    assert resumed.state_dict() == state  # a checkpoint right after a restart saves it again
     after = sub_batch_ids(resumed, 13 - stop_after, 'uid')
     assert before + after == full
+    if warmup:
+        return  # a warm-up scores nothing, so the scorer does not see every super-batch
     # Nothing drawn twice or skipped: the resumed loader's scorer saw the rest of the epoch.
     epoch = stop_after // 5
     seen_first = [i for s in first.scorer.seen[epoch * 5:] for i in s][:(stop_after % 5) * 40]
     seen_rest = [i for s in resumed.scorer.seen for i in s]
+    assert len(seen_first) == (stop_after % 5) * 40 and seen_rest
     assert not set(seen_first) & set(seen_rest[:180 - len(seen_first)])
 
 
