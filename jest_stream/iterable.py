@@ -186,7 +186,12 @@ class IterableSource:
     def check_dataset_state(self, state: Any) -> None:
         """Raise a :class:`StateError` unless ``state`` came from an iterable source like this,
         on this rank of as many ranks (each rank's dataset state is its own part of the
-        stream: it cannot move to another rank or be split over another number of them)."""
+        stream: it cannot move to another rank or be split over another number of them).
+
+        Raises:
+            StateError: Another kind of state, one with (or without) a state protocol this
+                dataset lacks (or has), or one saved on another rank or world size.
+        """
         if not isinstance(state, Mapping) or 'stateful' not in state:
             raise StateError(f'the loader state holds {type(state).__name__} for the dataset, '
                              f'not an iterable source\'s state: it was saved by a loader over '

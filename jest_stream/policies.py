@@ -375,7 +375,12 @@ class SelectionPolicy:
                 and self.quota is None and not self.weights)
 
     def check_method(self, method: str, temperature: float, *, prefetch_depth: int) -> None:
-        """Refuse combinations the plan cannot honour (called with the configuration)."""
+        """Refuse combinations the plan cannot honour (called with the configuration).
+
+        Raises:
+            SettingError: ``weights=True`` without independent sampling at a positive
+                temperature, or an adaptive ``window`` shorter than ``prefetch_depth``.
+        """
         if self.weights and (method not in ('sample', 'uniform') or temperature == 0):
             raise SettingError(
                 f'weights=True with method={method!r} (temperature={temperature:g}): the '

@@ -503,6 +503,11 @@ def sample_select_with_probabilities(scores: Tensor, n_select: int, *, temperatu
     Returns:
         tuple[LongTensor[n_select], Tensor[n_select]]: The indices, and their inclusion
         probabilities in float64 (1 for all when every candidate is kept).
+
+    Raises:
+        SettingError: ``temperature`` is not positive (inclusion probabilities need noise),
+            or ``n_select`` is out of range.
+        ScoreError: ``scores`` is not a 1-D tensor, or holds NaN or inf.
     """
     _check_vector(scores)
     n_select = _check_n_select(n_select, scores.shape[0])
