@@ -73,6 +73,9 @@ def _add_annotate(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument('--lock-timeout', type=float, default=0.0, metavar='SECONDS',
                      help='when another run writes the same --out, wait this long for it to '
                      'finish (default 0: refuse at once, naming the other run)')
+    run.add_argument('--timeout', type=float, default=300.0, metavar='SECONDS',
+                     help='wait at most this long for each batch from the --workers before '
+                     'failing (default 300; 0: no timeout)')
     run.add_argument('--keep-shared-memory', action='store_true',
                      help="do not remove the shared memory that killed streaming jobs left "
                      '(removed by default: only segments no live process uses)')
@@ -96,7 +99,7 @@ def _run_annotate(args: argparse.Namespace) -> int:
             input_key=args.input_key, target_key=args.target_key, image_key=args.image_key,
             text_key=args.text_key, batch_size=args.batch_size, num_workers=args.workers,
             device=args.device, part_size=args.part_size, progress=not args.no_progress,
-            lock_timeout=args.lock_timeout,
+            lock_timeout=args.lock_timeout, timeout=args.timeout,
             info={'model': args.model, 'checkpoint': args.checkpoint, 'forward': args.forward})
     except KeyboardInterrupt:
         print('interrupted: finished parts are kept; run the same command again to continue',

@@ -6,6 +6,8 @@ The model factories and forward functions below are imported by ``jest-stream an
 
 from __future__ import annotations
 
+import math
+import multiprocessing
 import os
 import re
 import signal
@@ -17,14 +19,18 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from streaming import StreamingDataset
 from torch import Tensor, nn
+from torch.utils.data import get_worker_info
 
 from helpers.data import N_CLASSES, N_FEATURES, features_and_labels, write_mds
 from helpers.models import tiny_classifier
 from jest_stream import ClassificationScorer, ContrastiveScorer, SelectiveLoader
 from jest_stream.annotate import annotate
-from jest_stream.cache import IncompleteCache, ReferenceCache, model_checksum
+from jest_stream.cache import CacheError, IncompleteCache, ReferenceCache, model_checksum
+from jest_stream.cache.annotate import AnnotationTimeout
 from jest_stream.cli import main
+from jest_stream.errors import SettingError, SettingTypeError
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
@@ -143,6 +149,43 @@ def test_nan_outputs_are_never_stored(tmp_path):
         ReferenceCache(tmp_path / 'ref', dataset=directory, model_checksum=None, transform='raw')
 
 
+class StalledInWorkers(StreamingDataset):
+    """A dataset whose DataLoader workers never deliver: each sample takes them a minute."""
+
+    def get_item(self, sample_id: int):
+        if get_worker_info() is not None:
+            time.sleep(60)
+        return super().get_item(sample_id)
+
+
+def test_a_stalled_worker_raises_within_the_timeout_and_leaves_no_process(tmp_path, mds_dir):
+    dataset = StalledInWorkers(local=str(mds_dir), batch_size=32, shuffle=False)
+    before = set(multiprocessing.active_children())
+    started = time.monotonic()
+    with pytest.raises(AnnotationTimeout, match=r'within timeout=1 seconds') as raised:
+        annotate(out=tmp_path / 'ref', model=tiny_classifier(1), transform_id='raw',
+                 dataset=dataset, input_key='x', target_key='y', batch_size=32, num_workers=1,
+                 part_size=64, progress=False, timeout=1)
+    assert isinstance(raised.value, CacheError) and isinstance(raised.value, TimeoutError)
+    assert time.monotonic() - started < 50  # not the worker's minute
+    # The worker is shut down although the error is still held (a bounded wait for its exit).
+    deadline = time.monotonic() + 30
+    while set(multiprocessing.active_children()) - before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not set(multiprocessing.active_children()) - before
+
+
+@pytest.mark.parametrize('timeout, error', [
+    (True, SettingTypeError), ('5', SettingTypeError), (None, SettingTypeError),
+    (-1, SettingError), (math.nan, SettingError), (math.inf, SettingError)])
+def test_annotate_refuses_a_timeout_that_is_not_seconds(tmp_path, mds_dir, timeout, error):
+    with pytest.raises(error, match=r'timeout=.*0 means no timeout'):
+        annotate(out=tmp_path / 'ref', model=tiny_classifier(1), transform_id='raw',
+                 local=mds_dir, input_key='x', target_key='y', num_workers=0, progress=False,
+                 timeout=timeout)
+    assert not (tmp_path / 'ref').exists()
+
+
 def test_cli_annotates_embeddings_with_a_forward_function(tmp_path, mds_dir, capsys):
     model = two_tower(d=16, seed=2)
     torch.save(model.state_dict(), tmp_path / 'tower.pt')
@@ -178,6 +221,8 @@ def test_cli_annotates_embeddings_with_a_forward_function(tmp_path, mds_dir, cap
      'does not fit the model'),
     (['--model', 'test_annotate:slow_classifier', '--input-key', 'x', '--target-key', 'y',
       '--local', '/no/such/dataset'], '/no/such/dataset/index.json does not exist'),
+    (['--model', 'test_annotate:slow_classifier', '--input-key', 'x', '--target-key', 'y',
+      '--timeout', '-1'], 'timeout=-1.0 must be a finite number >= 0'),
 ])
 def test_cli_reports_bad_settings_in_one_line(tmp_path, mds_dir, capsys, args, message):
     torch.save(tiny_classifier(1).state_dict(), tmp_path / 'ref.pt')

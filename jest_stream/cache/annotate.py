@@ -10,7 +10,9 @@ of the same function.
 
 One run writes a cache folder at a time: a second run into the same folder waits at most
 ``lock_timeout`` seconds for the first to finish, then raises
-:class:`~jest_stream.cache.errors.CacheLocked` naming the folder and the other run.
+:class:`~jest_stream.cache.errors.CacheLocked` naming the folder and the other run. A batch
+from the DataLoader workers is awaited at most ``timeout`` seconds: a hung or stopped worker
+raises :class:`AnnotationTimeout` instead of blocking the job for ever.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from jest_stream.batch import Batch, batch_length, collate_samples, get_column, move_to_device
+from jest_stream.cache.errors import CacheError
 from jest_stream.cache.format import (
     DEFAULT_PART_SIZE,
     OUTPUT_GROUPS,
@@ -41,6 +44,7 @@ from jest_stream.cache.format import (
 )
 from jest_stream.cache.lock import check_timeout
 from jest_stream.cache.writer import CacheWriter
+from jest_stream.checks import check_number
 from jest_stream.errors import (
     DataError,
     JestStreamError,
@@ -52,9 +56,15 @@ from jest_stream.losses import per_example_cross_entropy
 from jest_stream.scores import Embeddings
 from jest_stream.scoring import scoring_mode
 
-__all__ = ['annotate', 'AnnotationResult', 'ImportPathError', 'load_model', 'import_object']
+__all__ = ['annotate', 'AnnotationResult', 'AnnotationTimeout', 'ImportPathError', 'load_model',
+           'import_object']
 
 logger = logging.getLogger(__name__)
+
+
+class AnnotationTimeout(CacheError, TimeoutError):
+    """A DataLoader worker of :func:`annotate` delivered no batch within ``timeout`` seconds:
+    it hangs, was stopped (SIGSTOP), or reads too slowly. The finished parts are kept."""
 
 
 class ImportPathError(JestStreamError, ImportError):
@@ -268,7 +278,8 @@ def _open_dataset(dataset: Any, local: str | os.PathLike | None, remote: str | N
 
 
 def _check_settings(outputs: str, transform_id: Any, batch_size: Any, num_workers: Any,
-                    lock_timeout: Any) -> None:
+                    lock_timeout: Any, timeout: Any) -> float:
+    """Checks the settings; returns ``timeout`` in seconds (0: none)."""
     if outputs not in OUTPUT_GROUPS:
         raise SettingError(f'outputs={outputs!r} is not known; choose one of '
                            f'{sorted(OUTPUT_GROUPS)}')
@@ -279,6 +290,36 @@ def _check_settings(outputs: str, transform_id: Any, batch_size: Any, num_worker
     if not isinstance(num_workers, int) or num_workers < 0:
         raise SettingError(f'num_workers={num_workers!r} must be an int >= 0')
     check_timeout(lock_timeout)
+    return check_number(timeout, 'timeout', low=0.0, hint='seconds a batch from the DataLoader '
+                        'workers may take; 0 means no timeout')
+
+
+# The start of the message of a DataLoader whose workers missed its timeout.
+_WORKER_TIMED_OUT = 'DataLoader timed out'
+
+
+def _write_pending_within(timeout: float, *args: Any) -> int:
+    """:func:`_write_pending`, a batch the workers did not deliver within ``timeout``
+    seconds raised as :class:`AnnotationTimeout` (the workers shut down first).
+
+    Raises:
+        AnnotationTimeout: The workers missed the timeout.
+    """
+    try:
+        return _write_pending(*args)
+    except RuntimeError as error:
+        if not str(error).startswith(_WORKER_TIMED_OUT):
+            raise
+    # Raised here, not in the except block: chained to the DataLoader's error, it would keep
+    # its traceback, whose frames hold the DataLoader's iterator and so its workers, alive as
+    # long as the caller holds the error. Unchained, the iterator is freed now and shuts its
+    # workers down.
+    raise AnnotationTimeout(
+        f'annotate: the DataLoader workers delivered no batch within timeout={timeout:g} '
+        f'seconds: a worker hangs, was stopped (SIGSTOP), or reads that slowly. The finished '
+        f'parts are kept: find what blocks the worker (a remote that does not answer, a '
+        f'stopped process) and run the same annotation again, or give a larger timeout (0 '
+        f'means no timeout)')
 
 
 def _plan(writer: CacheWriter, pending: list[int], batch_size: int
@@ -335,8 +376,8 @@ def annotate(*, out: str | os.PathLike, model: nn.Module, transform_id: str,
              losses: Callable[[nn.Module, Batch, Tensor], Tensor] | None = None,
              batch_size: int = 256, num_workers: int = 2, device: str | torch.device = 'cpu',
              part_size: int = DEFAULT_PART_SIZE, progress: bool = True,
-             info: Mapping[str, Any] | None = None, lock_timeout: float = 0.0
-             ) -> AnnotationResult:
+             info: Mapping[str, Any] | None = None, lock_timeout: float = 0.0,
+             timeout: float = 300.0) -> AnnotationResult:
     """Compute the reference's outputs for every sample of a dataset and store them.
 
     Run it again with the same arguments after an interruption: finished parts are kept
@@ -376,18 +417,24 @@ def annotate(*, out: str | os.PathLike, model: nn.Module, transform_id: str,
         info (Mapping, optional): Plain JSON values recorded in the manifest for people to read.
         lock_timeout (float): Seconds to wait when another run writes ``out`` (0: refuse at
             once). Finite: every wait is bounded.
+        timeout (float): Seconds to wait for each batch from the DataLoader workers (with
+            ``num_workers > 0``) before raising :class:`AnnotationTimeout`; 0 means no
+            timeout. As the loader's ``timeout``: a finite number >= 0.
 
     Returns:
         AnnotationResult: The fingerprint and what this run did.
 
     Raises:
         SettingError: A setting is not valid (named in the message).
+        SettingTypeError: ``timeout`` is not a number.
+        AnnotationTimeout: The DataLoader workers delivered no batch within ``timeout``.
         CacheLocked: Another run writes ``out`` (and did not finish within ``lock_timeout``).
         FingerprintMismatch: ``out`` holds a cache of another dataset, model, transform or size.
         CacheFolderNotEmpty: ``out`` holds other files.
         ScoreError: The reference returned NaN, inf or outputs of the wrong shape.
     """
-    _check_settings(outputs, transform_id, batch_size, num_workers, lock_timeout)
+    timeout = _check_settings(outputs, transform_id, batch_size, num_workers, lock_timeout,
+                              timeout)
     compute = _Outputs(outputs, forward=forward, input_key=input_key, target_key=target_key,
                        image_key=image_key, text_key=text_key, loss_fn=loss_fn, losses=losses)
     started = time.perf_counter()
@@ -407,14 +454,16 @@ def annotate(*, out: str | os.PathLike, model: nn.Module, transform_id: str,
             logger.info('%s: %d of %d parts already annotated; continuing', out, skipped,
                         writer.num_parts)
         batches, owner = _plan(writer, pending, batch_size)
-        loader = DataLoader(_SamplesById(data), batch_sampler=batches,
-                            num_workers=num_workers if batches else 0,
-                            collate_fn=collate_samples, pin_memory=device.type == 'cuda')
+        workers = num_workers if batches else 0
+        loader = DataLoader(_SamplesById(data), batch_sampler=batches, num_workers=workers,
+                            collate_fn=collate_samples, pin_memory=device.type == 'cuda',
+                            timeout=timeout if workers else 0)
         done = writer.layout.num_samples - sum(len(ids) for ids in batches)
         model.to(device)
         with tqdm(total=writer.layout.num_samples, initial=done, unit='sample',
                   desc='annotate', disable=not progress, dynamic_ncols=True) as bar:
-            written = _write_pending(writer, compute, model, loader, batches, owner, device, bar)
+            written = _write_pending_within(timeout, writer, compute, model, loader, batches,
+                                            owner, device, bar)
         writer.finish()
     return AnnotationResult(path=Path(out), fingerprint=fingerprint,
                             num_samples=writer.layout.num_samples, parts_total=writer.num_parts,
