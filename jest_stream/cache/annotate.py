@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from jest_stream.batch import Batch, batch_length, collate_samples, get_column, move_to_device
-from jest_stream.cache.errors import CacheError
+from jest_stream.cache.errors import AnnotationTimeout
 from jest_stream.cache.format import (
     DEFAULT_PART_SIZE,
     OUTPUT_GROUPS,
@@ -60,11 +60,6 @@ __all__ = ['annotate', 'AnnotationResult', 'AnnotationTimeout', 'ImportPathError
            'import_object']
 
 logger = logging.getLogger(__name__)
-
-
-class AnnotationTimeout(CacheError, TimeoutError):
-    """A DataLoader worker of :func:`annotate` delivered no batch within ``timeout`` seconds:
-    it hangs, was stopped (SIGSTOP), or reads too slowly. The finished parts are kept."""
 
 
 class ImportPathError(JestStreamError, ImportError):

@@ -11,6 +11,7 @@ from __future__ import annotations
 from jest_stream.errors import JestStreamError
 
 __all__ = [
+    'AnnotationTimeout',
     'CacheError',
     'FingerprintMismatch',
     'IncompleteCache',
@@ -57,3 +58,9 @@ class CacheLocked(CacheError):
 
 class OutputMismatch(CacheError, ValueError):
     """Outputs handed to the writer do not fit the cache: kinds, rows, shape or constants."""
+
+
+class AnnotationTimeout(CacheError, TimeoutError):
+    """A DataLoader worker of :func:`~jest_stream.cache.annotate.annotate` delivered no batch
+    within ``timeout`` seconds: it hangs, was stopped (SIGSTOP), or reads too slowly. The
+    finished parts are kept."""
