@@ -30,13 +30,7 @@ _USER_ERRORS = (JestStreamError, OSError)
 
 
 def _add_annotate(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        'annotate', help="store a frozen reference model's outputs for every sample",
-        description=(
-            "Compute a frozen reference model's per-example loss or embeddings for every "
-            'sample of a StreamingDataset once, and store them in a reference cache keyed by '
-            'global sample id (see jest_stream.cache.ReferenceCache). Interrupted runs continue '
-            'where they stopped when started again with the same arguments.'))
+    parser = _subcommand(subparsers, 'annotate')
     data = parser.add_argument_group('dataset')
     data.add_argument('--local', required=True, help='local folder of the MDS dataset')
     data.add_argument('--remote', help='remote location of its shards, if any')
@@ -117,14 +111,7 @@ def _run_annotate(args: argparse.Namespace) -> int:
 
 
 def _add_validate(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        'validate', help='check every shard and sample of a local MDS dataset',
-        description=(
-            'Check an MDS dataset folder: index.json parses and matches the shard files '
-            'present; each shard has its recorded size, hashes (when the index records them), '
-            'a sound offsets table and column config; every sample has the size its columns '
-            'need and decodes. Prints one line per shard and exits with status 1 naming each '
-            'damaged shard and sample.'))
+    parser = _subcommand(subparsers, 'validate')
     parser.add_argument('path', metavar='DIR', help='the folder holding index.json')
     parser.add_argument('--allow-unsafe-types', action='store_true',
                         help='decode pickled columns too (runs the pickled code)')
@@ -168,22 +155,51 @@ def _run_validate(args: argparse.Namespace) -> int:
     return 1
 
 
-def _log_command(subparsers: argparse._SubParsersAction, name: str, summary: str,
-                 description: str) -> argparse.ArgumentParser:
+# Every subcommand's one-line help and description.
+_HELP = {
+    'annotate': (
+        "store a frozen reference model's outputs for every sample",
+        "Compute a frozen reference model's per-example loss or embeddings for every sample of "
+        'a StreamingDataset once, and store them in a reference cache keyed by global sample id '
+        '(see jest_stream.cache.ReferenceCache). Interrupted runs continue where they stopped '
+        'when started again with the same arguments.'),
+    'validate': (
+        'check every shard and sample of a local MDS dataset',
+        'Check an MDS dataset folder: index.json parses and matches the shard files present; '
+        'each shard has its recorded size, hashes (when the index records them), a sound '
+        'offsets table and column config; every sample has the size its columns need and '
+        'decodes. Prints one line per shard and exits with status 1 naming each damaged shard '
+        'and sample.'),
+    'report': (
+        'summaries and plots of a selection log',
+        'Read a selection log (jest_stream.log.SelectionLog) and write report.json, PNG plots '
+        '(score quantiles over time, shares of each group among the selected, how often each '
+        'sample was selected, learner against reference losses, the share of flagged samples '
+        'among the selected) and index.html, which shows them. Prints the summary.'),
+    'export': (
+        'the ids a selection log selected most (or least) often',
+        'Rank the samples of a selection log by how often selection took them when they were '
+        'candidates, and write the ids of the top (or bottom) fraction as .npy or .parquet: a '
+        'curated subset to train on (read it back with jest_stream.export.read_ids and '
+        'SampleSubset).'),
+}
+
+
+def _subcommand(subparsers: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
+    """The parser of subcommand ``name``, with its help and description from :data:`_HELP`."""
+    summary, description = _HELP[name]
+    return subparsers.add_parser(name, help=summary, description=description)
+
+
+def _log_command(subparsers: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
     """A subcommand that reads a selection log: its LOGDIR argument."""
-    parser = subparsers.add_parser(name, help=summary, description=description)
+    parser = _subcommand(subparsers, name)
     parser.add_argument('log', metavar='LOGDIR', help='the folder of the selection log')
     return parser
 
 
 def _add_report(subparsers: argparse._SubParsersAction) -> None:
-    parser = _log_command(
-        subparsers, 'report', 'summaries and plots of a selection log',
-        (
-            'Read a selection log (jest_stream.log.SelectionLog) and write report.json, PNG plots '
-            '(score quantiles over time, shares of each group among the selected, how often '
-            'each sample was selected, learner against reference losses, the share of flagged '
-            'samples among the selected) and index.html, which shows them. Prints the summary.'))
+    parser = _log_command(subparsers, 'report')
     parser.add_argument('--out', help='folder of the report (default: LOGDIR/report)')
     parser.add_argument('--window', type=int, metavar='STEPS',
                         help='steps per window of the curves (default: about 50 windows)')
@@ -224,13 +240,7 @@ def _run_report(args: argparse.Namespace) -> int:
 
 
 def _add_export(subparsers: argparse._SubParsersAction) -> None:
-    parser = _log_command(
-        subparsers, 'export', 'the ids a selection log selected most (or least) often',
-        (
-            'Rank the samples of a selection log by how often selection took them when they '
-            'were candidates, and write the ids of the top (or bottom) fraction as .npy or '
-            '.parquet: a curated subset to train on (read it back with '
-            'jest_stream.export.read_ids and SampleSubset).'))
+    parser = _log_command(subparsers, 'export')
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument('--top', type=float, metavar='FRACTION',
                        help='keep this fraction of the samples, the most selected')
