@@ -24,6 +24,14 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     remove_stale_shared_memory()
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    # Every test ends with a garbage collection (below). Over the objects of torch, Composer
+    # and the collected test modules it takes about 0.3 s, which adds minutes to the suite;
+    # frozen, they are not traversed again, and a collection costs only what the test made.
+    gc.collect()
+    gc.freeze()
+
+
 @pytest.fixture(autouse=True)
 def release_streaming_shared_memory(monkeypatch):
     """Releases, after each test, the shared memory its StreamingDatasets opened.
