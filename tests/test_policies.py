@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+import scipy.stats
 import torch
 from torch.utils.data import TensorDataset
 
@@ -137,16 +138,19 @@ def test_mixing_draws_a_fraction_uniformly_from_the_rest():
     step = SelectionStep(config, lambda batch, ids, criterion: PerExampleScores(scores))
     step.scorer.learner = None
     batch = {'x': torch.zeros(40, 2)}
-    picked_low = 0
-    for index in range(50):
+    counts = np.zeros(40, dtype=np.int64)
+    for index in range(600):
         selection = step.choose(batch, torch.arange(40), 0, index, Plan(mix=0.25))
         top = selection.selected[:6].tolist()
         assert sorted(top) == list(range(34, 40))  # six by score: the six best
         mixed = selection.selected[6:].tolist()
         assert len(mixed) == 2 and not set(mixed) & set(top)
-        picked_low += sum(1 for i in mixed if i < 34)
-    assert picked_low == 100  # the mixed rows are never the score-selected ones
+        counts[mixed] += 1
     assert selection.policy['mix'] == 0.25
+    # The mixed rows are drawn uniformly from the 34 others, whatever their scores: a
+    # chi-square test against equal counts (1,200 draws, about 35 per row).
+    assert counts[34:].sum() == 0
+    assert scipy.stats.chisquare(counts[:34]).pvalue > 0.001
 
 
 # Adaptive pressure
