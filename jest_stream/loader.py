@@ -48,6 +48,7 @@ from jest_stream.errors import (
 from jest_stream.log import as_recorder
 from jest_stream.policies import Plan, Progress, SelectionPolicy
 from jest_stream.process import ProcessScoring, check_picklable
+from jest_stream.rollback import all_or_nothing
 from jest_stream.scoring.base import LearningScorer
 from jest_stream.source import ID_KEY, ReadSettings, SuperBatchSource, make_source
 from jest_stream.step import STREAM, LocalScope, Recorder, SelectionStep, StepResult
@@ -472,19 +473,12 @@ class SelectiveLoader(DataLoader):
         """The policy's, the scorer's and the selection log's states, all or none: each checks
         its own, so one that refuses puts back those loaded before it (the log, which may cut
         files, goes last and checks everything before it deletes anything)."""
-        policy = self.policy.state_dict()
-        learns = isinstance(self.scorer, LearningScorer)
-        scorer = self.scorer.state_dict() if learns else None
-        try:
+        learner = [self.scorer] if isinstance(self.scorer, LearningScorer) else []
+        with all_or_nothing(self.policy, *learner):
             self.policy.load_state_dict(state.get('policy', {}))
             self._load_scorer_state(state.get('scorer'))
             if self.selection_log is not None:
                 self.selection_log.load_state_dict(state.get('log') or {})
-        except BaseException:
-            self.policy.load_state_dict(policy)
-            if learns:
-                self.scorer.load_state_dict(scorer)
-            raise
 
     def _check_state_matches(self, state: Mapping[str, Any]) -> None:
         source = state.get('source', _infer_source(state['dataset']))

@@ -32,6 +32,7 @@ from jest_stream.integrations.composer.models import call_model, unwrap_model
 from jest_stream.log import as_recorder
 from jest_stream.losses import per_example_cross_entropy
 from jest_stream.policies import Progress, Schedule, SelectionPolicy
+from jest_stream.rollback import all_or_nothing
 from jest_stream.scoring import ClassificationScorer, ColumnReference, ReferenceTable
 from jest_stream.scoring.base import LearningScorer
 from jest_stream.scoring.reference import resolve_reference
@@ -322,20 +323,16 @@ class JESTAlgorithm(Algorithm):
                 the reverse).
         """
         saved = self._check_state(state)
-        policy = self.policy.state_dict()
-        learns = isinstance(self.scorer, LearningScorer)
-        scorer = self.scorer.state_dict() if learns else None
+        learner = [self.scorer] if isinstance(self.scorer, LearningScorer) else []
         pending = self._pending_scorer
         try:
-            self.policy.load_state_dict(state.get('policy', {}))
-            self._load_scorer_state(state.get('scorer'))
-            if self.selection_log is not None:
-                self.selection_log.load_state_dict(state.get('log') or {})
+            with all_or_nothing(self.policy, *learner):
+                self.policy.load_state_dict(state.get('policy', {}))
+                self._load_scorer_state(state.get('scorer'))
+                if self.selection_log is not None:
+                    self.selection_log.load_state_dict(state.get('log') or {})
         except BaseException:
-            self.policy.load_state_dict(policy)
-            if learns:
-                self.scorer.load_state_dict(scorer)
-            self._pending_scorer = pending
+            self._pending_scorer = pending  # a state kept for a scorer not built yet
             raise
         self._set_seed(saved)
         self.batches_selected = state['batches_selected']
