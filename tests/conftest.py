@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import atexit
 import gc
-from collections.abc import Callable
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -73,6 +75,20 @@ def streaming_lock_files_in_tmp_path(tmp_path, monkeypatch):
     locks.mkdir()
     for module in (streaming.base.dataset, streaming.base.shared.prefix):
         monkeypatch.setattr(module, 'gettempdir', lambda: str(locks))
+
+
+@pytest.fixture
+def child_tmpdir() -> Iterator[Path]:
+    """A short, fresh temp dir for a child process's ``TMPDIR`` (the lock files of a killed
+    child stay in it, and go with it).
+
+    Not under ``tmp_path``: multiprocessing binds AF_UNIX sockets in ``TMPDIR`` (DataLoader
+    workers handing tensors over do), and their paths may not exceed 107 bytes, which a
+    test's own folder nearly reaches (under pytest-xdist it does).
+    """
+    path = Path(tempfile.mkdtemp(prefix='child-'))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

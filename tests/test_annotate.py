@@ -6,6 +6,7 @@ The model factories and forward functions below are imported by ``jest-stream an
 
 from __future__ import annotations
 
+import contextlib
 import math
 import multiprocessing
 import os
@@ -25,6 +26,7 @@ from torch.utils.data import get_worker_info
 
 from helpers.data import N_CLASSES, N_FEATURES, features_and_labels, write_mds
 from helpers.models import tiny_classifier
+from helpers.waits import wait_for
 from jest_stream import ClassificationScorer, ContrastiveScorer, SelectiveLoader
 from jest_stream.annotate import annotate
 from jest_stream.cache import CacheError, IncompleteCache, ReferenceCache, model_checksum
@@ -271,12 +273,12 @@ def _cli(tmp_path: Path, mds: Path, out: Path, delay: float) -> list[str]:
             '--part-size', '50', '--workers', '2', '--no-progress', '--keep-shared-memory']
 
 
-def test_sigkill_then_rerun_continues_and_matches_an_uninterrupted_run(tmp_path):
+def test_sigkill_then_rerun_continues_and_matches_an_uninterrupted_run(tmp_path, child_tmpdir):
     mds = write_mds(tmp_path / 'mds', 600)
     reference = tiny_classifier(1)
     torch.save(reference.state_dict(), tmp_path / 'ref.pt')
     env = {**os.environ, 'PYTHONPATH': os.pathsep.join([str(TESTS), str(REPO)]),
-           'TMPDIR': str(tmp_path)}
+           'TMPDIR': str(child_tmpdir)}
     out = tmp_path / 'interrupted'
 
     # 12 parts of 2 batches; each batch takes 0.1 s: kill once 3 parts are on disk.
@@ -284,13 +286,11 @@ def test_sigkill_then_rerun_continues_and_matches_an_uninterrupted_run(tmp_path)
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                start_new_session=True)
     try:
-        deadline = time.monotonic() + 60
-        while len(list((out / 'parts').glob('part-*.bin'))) < 3:
-            assert process.poll() is None, process.communicate()
-            assert time.monotonic() < deadline, 'the annotation wrote no parts in 60 s'
-            time.sleep(0.02)
+        wait_for(lambda: len(list((out / 'parts').glob('part-*.bin'))) >= 3, process, 120,
+                 'the annotation writing three parts')
     finally:
-        os.killpg(process.pid, signal.SIGKILL)  # the CLI and its DataLoader workers
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)  # the CLI and its DataLoader workers
         process.communicate()
     # SIGKILL skips streaming's clean-up at exit. Remove exactly what the killed run left
     # (clean_stale_shared_memory would also clear the segments of other live processes,

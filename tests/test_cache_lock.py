@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from helpers.data import N_CLASSES, N_FEATURES, write_mds
 from helpers.models import tiny_classifier
+from helpers.waits import wait_for
 from jest_stream.cache import (
     CacheLocked,
     CacheWriter,
@@ -67,9 +68,9 @@ def dataset_hash(tmp_path: Path) -> str:
     return dataset_fingerprint(write_mds(tmp_path / 'mds', 5))
 
 
-def subprocess_env(tmp_path: Path) -> dict[str, str]:
-    """The tests' imports, and temporary files (of killed processes too) in ``tmp_path``."""
-    return {**ENV, 'TMPDIR': str(tmp_path)}
+def subprocess_env(tmpdir: Path) -> dict[str, str]:
+    """The tests' imports, and temporary files (of killed processes too) in ``tmpdir``."""
+    return {**ENV, 'TMPDIR': str(tmpdir)}
 
 
 def start_writer(path: Path, dataset_hash: str) -> subprocess.Popen:
@@ -201,22 +202,19 @@ def _annotate(tmp_path: Path, mds: Path, out: Path, free_calls: int) -> list[str
             '--part-size', '50', '--workers', '2', '--no-progress', '--keep-shared-memory']
 
 
-def test_two_annotation_runs_into_one_folder(tmp_path):
+def test_two_annotation_runs_into_one_folder(tmp_path, child_tmpdir):
     mds = write_mds(tmp_path / 'mds', 400)
     reference = tiny_classifier(1)
     torch.save(reference.state_dict(), tmp_path / 'ref.pt')
-    env = subprocess_env(tmp_path)
+    env = subprocess_env(child_tmpdir)
     out = tmp_path / 'ref'
     # The first run writes one part (two batches), then waits for the gate file.
     first = subprocess.Popen(_annotate(tmp_path, mds, out, free_calls=2), env=env, cwd=REPO,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              start_new_session=True)
     try:
-        deadline = time.monotonic() + 60
-        while not list((out / 'parts').glob('part-*.bin')):
-            assert first.poll() is None, first.communicate()
-            assert time.monotonic() < deadline, 'the first run wrote no part in 60 s'
-            time.sleep(0.02)
+        wait_for(lambda: any((out / 'parts').glob('part-*.bin')), first, 120,
+                 'the first run writing a part')
         second = subprocess.run(_annotate(tmp_path, mds, out, free_calls=100), env=env,
                                 cwd=REPO, capture_output=True, text=True, timeout=120)
         assert second.returncode == 1

@@ -598,14 +598,14 @@ def train(mds: str, log_dir: str, checkpoint: str, steps: int, kill_at: int) -> 
     loader.close()
 
 
-def test_the_log_is_exact_across_a_sigkill_and_a_resume(tmp_path):
+def test_the_log_is_exact_across_a_sigkill_and_a_resume(tmp_path, child_tmpdir):
     # 300 samples, super-batches of 50 (6 an epoch), 16 steps. Checkpoints after 5, 10, 15;
     # killed after step 10, before its checkpoint: the file of steps 3-5 was rewritten with
     # step 5 (after the position) and the one of steps 6-8 was written whole; step 9 waited
     # in memory. The resume cuts the first, deletes the second, and logs 5 onwards again.
     mds = write_mds(tmp_path / 'mds', 300)
     env = {**os.environ, 'PYTHONPATH': os.pathsep.join([str(TESTS), str(REPO)]),
-           'TMPDIR': str(tmp_path)}
+           'TMPDIR': str(child_tmpdir)}
     killed = tmp_path / 'killed'
     job = subprocess.run([sys.executable, __file__, str(mds), str(killed),
                           str(tmp_path / 'ckpt.pt'), '16', '10'], env=env, cwd=REPO,
