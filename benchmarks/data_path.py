@@ -54,10 +54,9 @@ from tqdm.auto import tqdm
 
 from benchmarks.common import report
 from benchmarks.common.data import open_streaming, prepare
-from benchmarks.common.models import make_cnn
-from benchmarks.common.tasks import classification_scorer
 from benchmarks.common.training import LOADER_TIMINGS, synchronize
-from jest_stream import SampleIdStreamingDataset, SelectiveLoader, remove_stale_shared_memory
+from benchmarks.common.workload import LoaderWorkload, selective_loader
+from jest_stream import remove_stale_shared_memory
 from jest_stream.batch import batch_length, move_to_device
 
 __all__ = ['MODES', 'DataPathConfig', 'cli', 'compare', 'main', 'parse_args', 'run_mode',
@@ -67,43 +66,21 @@ MODES = ('raw', 'uniform', 'learnability')
 
 
 @dataclass(frozen=True)
-class DataPathConfig:
+class DataPathConfig(LoaderWorkload):
     """Every setting of the benchmark (written into the results file)."""
 
-    batch_size: int = 64
-    super_batch_size: int = 320
-    num_workers: int = 2
-    warmup: int = 5
-    batches: int = 150
-    scored_batches: int = 30
-    rounds: int = 5
-    hidden: int = 48
-    seed: int = 0
     threads: int | None = None
     gpu: bool = False
     clean_shm: bool = False
     num_canonical_nodes: int | None = None
-    quick: bool = False
-    data_dir: str = str(report.REPO_ROOT / 'data' / 'fashion-mnist')
-
-    @property
-    def filter_ratio(self) -> float:
-        return 1.0 - self.batch_size / self.super_batch_size
 
 
-def _dataset(mode: str, pool: Path, config: DataPathConfig) -> Any:
+def _raw_dataset(pool: Path, config: DataPathConfig) -> Any:
     from streaming import StreamingDataset
 
-    cls = StreamingDataset if mode == 'raw' else SampleIdStreamingDataset
-    return open_streaming(lambda: cls(
+    return open_streaming(lambda: StreamingDataset(
         local=str(pool), batch_size=config.super_batch_size, shuffle=True,
         shuffle_seed=config.seed, num_canonical_nodes=config.num_canonical_nodes))
-
-
-def _scorer(config: DataPathConfig, device: str) -> Any:
-    learner = make_cnn(config.seed, hidden=config.hidden).to(device)
-    reference = make_cnn(config.seed + 1, hidden=config.hidden).to(device)
-    return classification_scorer(learner, reference)
 
 
 def _raw_batches(loader: Any, device: str) -> Iterator[tuple[Any, dict[str, Any] | None]]:
@@ -146,21 +123,17 @@ def _run_mode(mode: str, pool: Path, config: DataPathConfig, device: str) -> dic
     from torch.utils.data import DataLoader
 
     cuda = device.startswith('cuda')
-    timed = config.scored_batches if mode == 'learnability' else config.batches
+    timed = config.timed_batches(mode)
     load_before = os.getloadavg()
-    dataset = _dataset(mode, pool, config)
     workers = config.num_workers
     if mode == 'raw':
-        loader = DataLoader(dataset, batch_size=config.super_batch_size, num_workers=workers,
-                            pin_memory=cuda, prefetch_factor=2 if workers else None)
+        loader = DataLoader(_raw_dataset(pool, config), batch_size=config.super_batch_size,
+                            num_workers=workers, pin_memory=cuda,
+                            prefetch_factor=2 if workers else None)
         batches = _raw_batches(loader, device)
     else:
-        extra: dict[str, Any] = {'criterion': 'uniform'}
-        if mode == 'learnability':
-            extra = {'criterion': 'learnability', 'scorer': _scorer(config, device)}
-        loader = SelectiveLoader(dataset, batch_size=config.batch_size,
-                                 super_batch_size=config.super_batch_size, seed=config.seed,
-                                 num_workers=workers, device=device, **extra)
+        loader = selective_loader(mode, pool, config, device=device,
+                                  num_canonical_nodes=config.num_canonical_nodes)
         batches = _selective_batches(loader)
     metrics: list[dict[str, Any]] = []
     drawn = delivered = count = 0
@@ -185,7 +158,7 @@ def _run_mode(mode: str, pool: Path, config: DataPathConfig, device: str) -> dic
     synchronize(device)
     elapsed = time.perf_counter() - window_start if window_start is not None else 0.0
     batches.close()
-    del batches, loader, dataset
+    del batches, loader
     gc.collect()
     if count == 0 or elapsed <= 0:
         raise ValueError(f'{mode}: no super-batch was timed: the pool has fewer than '

@@ -51,9 +51,9 @@ from tqdm.auto import tqdm
 
 from benchmarks.common import report
 from benchmarks.common.data import open_streaming, prepare
-from benchmarks.common.models import make_cnn
-from benchmarks.common.tasks import ReferenceSettings, classification_scorer, prepare_task
+from benchmarks.common.tasks import ReferenceSettings, prepare_task
 from benchmarks.common.training import train_selective
+from benchmarks.common.workload import LoaderWorkload, selective_loader
 from jest_stream import SampleIdStreamingDataset, SelectionLog, SelectiveLoader
 from jest_stream.report import write_report
 
@@ -67,40 +67,18 @@ POOL_COLUMNS = {'label': 'label', 'clean_label': 'clean_label', 'corrupted': 'co
 
 
 @dataclass(frozen=True)
-class LogBenchConfig:
+class LogBenchConfig(LoaderWorkload):
     """Every setting of the overhead measurement (written into the results file)."""
 
-    batch_size: int = 64
-    super_batch_size: int = 320
     num_workers: int = 0
     warmup: int = 3
     batches: int = 100
-    scored_batches: int = 30
     rounds: int = 7
     checkpoint_every: int = 25
-    hidden: int = 48
-    seed: int = 0
     threads: int = 1
-    quick: bool = False
-    data_dir: str = str(report.REPO_ROOT / 'data' / 'fashion-mnist')
 
 
 QUICK = LogBenchConfig(batches=40, scored_batches=12, rounds=3, quick=True)
-
-
-def _loader(mode: str, pool: Path, config: LogBenchConfig, log: SelectionLog | None
-            ) -> SelectiveLoader:
-    dataset = open_streaming(lambda: SampleIdStreamingDataset(
-        local=str(pool), batch_size=config.super_batch_size, shuffle=True,
-        shuffle_seed=config.seed, num_canonical_nodes=1))
-    scoring: dict[str, Any] = {'criterion': 'uniform'}
-    if mode == 'learnability':
-        scoring = {'criterion': 'learnability', 'scorer': classification_scorer(
-            make_cnn(config.seed, hidden=config.hidden),
-            make_cnn(config.seed + 1, hidden=config.hidden))}
-    return SelectiveLoader(dataset, batch_size=config.batch_size,
-                           super_batch_size=config.super_batch_size, seed=config.seed,
-                           num_workers=config.num_workers, selection_log=log, **scoring)
 
 
 def run_arm(mode: str, pool: Path, config: LogBenchConfig, *, logged: bool) -> dict[str, Any]:
@@ -111,10 +89,10 @@ def run_arm(mode: str, pool: Path, config: LogBenchConfig, *, logged: bool) -> d
         log, ``log_stats`` (rows, files written, seconds recording and writing) and
         ``log_bytes`` on disk.
     """
-    timed = config.scored_batches if mode == 'learnability' else config.batches
+    timed = config.timed_batches(mode)
     with tempfile.TemporaryDirectory(prefix='selection-log-') as folder:
         log = SelectionLog(folder, columns=POOL_COLUMNS) if logged else None
-        loader = _loader(mode, pool, config, log)
+        loader = selective_loader(mode, pool, config, selection_log=log)
         start, count = (0.0, 0.0), 0
         for index, _ in enumerate(loader):
             if index + 1 == config.warmup:
