@@ -27,10 +27,31 @@ unused() {  # streaming segments no live process maps or holds open
 for path in stale_shared_memory(): print(path.name)' | sort
 }
 
+# Test workers (pytest-xdist): one a core, at most four, each with a /dev/shm of its own
+# (scripts/private-shm.sh), where the private namespace allows it; elsewhere the tests run one
+# after another, as workers sharing a /dev/shm would race for streaming's prefixes.
+# JEST_STREAM_TEST_WORKERS sets the number (1: no workers).
+workers=${JEST_STREAM_TEST_WORKERS:-$(nproc)}
+[ "$workers" -gt 4 ] && [ -z "${JEST_STREAM_TEST_WORKERS:-}" ] && workers=4
+if [ "$workers" -gt 1 ] && [ -z "${JEST_STREAM_TEST_NAMESPACE:-}" ]; then
+    echo "Running the tests one after another: parallel workers need a private /dev/shm" \
+         "each (root and util-linux's unshare)." >&2
+    workers=1
+fi
+parallel=()
+if [ "$workers" -gt 1 ]; then
+    export JEST_STREAM_SHM_LEFT=$private_tmp/shm-left
+    mkdir "$JEST_STREAM_SHM_LEFT"
+    here=$(cd "$(dirname "$0")" && pwd)
+    python=$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")
+    parallel=(--dist loadfile --tx "$workers*popen//python=bash $here/private-shm.sh $python")
+fi
+
 before=$(unused)
-"$PY" -m pytest --durations=20 "$@"
+"$PY" -m pytest --durations=20 "${parallel[@]}" "$@"
 status=$?
-leaked=$(comm -13 <(echo "$before") <(unused) | sed '/^$/d')
+leaked=$( (comm -13 <(echo "$before") <(unused); cat "${JEST_STREAM_SHM_LEFT:-/dev/null}"/* \
+           2>/dev/null) | sed '/^$/d')
 locks=$(find "$TMPDIR/streaming" -type f 2>/dev/null)
 if [ -n "$leaked$locks" ]; then
     echo "The tests left streaming shared memory or lock files behind:" >&2
