@@ -54,6 +54,7 @@ from jest_stream.source import ID_KEY, ReadSettings, SuperBatchSource, make_sour
 from jest_stream.step import STREAM, LocalScope, Recorder, SelectionStep, StepResult
 from jest_stream.telemetry import LoaderTelemetry
 from jest_stream.transfer import DevicePrefetcher
+from jest_stream.workers import check_worker_temp_dir
 
 __all__ = ['SelectiveLoader', 'super_batch_size_for', 'STATE_VERSION']
 
@@ -186,7 +187,9 @@ class SelectiveLoader(DataLoader):
 
     Raises:
         SettingError: A setting out of range or inconsistent (the message names it and the
-            fix), an empty dataset, or one smaller than a sub-batch.
+            fix), an empty dataset, or one smaller than a sub-batch; ``num_workers > 0``
+            with a temp dir too long for the workers' sockets
+            (:func:`~jest_stream.workers.check_worker_temp_dir`).
         SettingTypeError: A setting of the wrong type (bools are not numbers).
     """
 
@@ -214,7 +217,7 @@ class SelectiveLoader(DataLoader):
             scoring=scoring, sync_every=sync_every, max_staleness=max_staleness,
             prefetch_depth=prefetch_depth, timeout=timeout, autocast=autocast)
         check_int(seed, 'seed')
-        check_int(num_workers, 'num_workers', low=0)
+        check_worker_temp_dir(check_int(num_workers, 'num_workers', low=0))
         check_int(prefetch_factor, 'prefetch_factor', low=1)
         check_bool(shuffle, 'shuffle')
         check_bool(drop_last, 'drop_last')

@@ -44,7 +44,7 @@ from jest_stream.cache.format import (
 )
 from jest_stream.cache.lock import check_timeout
 from jest_stream.cache.writer import CacheWriter
-from jest_stream.checks import check_number
+from jest_stream.checks import check_int, check_number
 from jest_stream.errors import (
     DataError,
     JestStreamError,
@@ -55,6 +55,7 @@ from jest_stream.errors import (
 from jest_stream.losses import per_example_cross_entropy
 from jest_stream.scores import Embeddings
 from jest_stream.scoring import scoring_mode
+from jest_stream.workers import check_worker_temp_dir
 
 __all__ = ['annotate', 'AnnotationResult', 'AnnotationTimeout', 'ImportPathError', 'load_model',
            'import_object']
@@ -280,10 +281,8 @@ def _check_settings(outputs: str, transform_id: Any, batch_size: Any, num_worker
                            f'{sorted(OUTPUT_GROUPS)}')
     if not isinstance(transform_id, str) or not transform_id:
         raise SettingError('transform_id must be a non-empty string naming the input transform')
-    if not isinstance(batch_size, int) or batch_size <= 0:
-        raise SettingError(f'batch_size={batch_size!r} must be a positive int')
-    if not isinstance(num_workers, int) or num_workers < 0:
-        raise SettingError(f'num_workers={num_workers!r} must be an int >= 0')
+    check_int(batch_size, 'batch_size', low=1)
+    check_worker_temp_dir(check_int(num_workers, 'num_workers', low=0))
     check_timeout(lock_timeout)
     return check_number(timeout, 'timeout', low=0.0, hint='seconds a batch from the DataLoader '
                         'workers may take; 0 means no timeout')
@@ -420,8 +419,11 @@ def annotate(*, out: str | os.PathLike, model: nn.Module, transform_id: str,
         AnnotationResult: The fingerprint and what this run did.
 
     Raises:
-        SettingError: A setting is not valid (named in the message).
-        SettingTypeError: ``timeout`` is not a number.
+        SettingError: A setting is not valid (named in the message), or ``num_workers > 0``
+            with a temp dir too long for the workers' sockets
+            (:func:`~jest_stream.workers.check_worker_temp_dir`).
+        SettingTypeError: ``timeout``, ``batch_size`` or ``num_workers`` is not a number
+            (bools are not numbers).
         AnnotationTimeout: The DataLoader workers delivered no batch within ``timeout``.
         CacheLocked: Another run writes ``out`` (and did not finish within ``lock_timeout``).
         FingerprintMismatch: ``out`` holds a cache of another dataset, model, transform or size.
