@@ -3,40 +3,17 @@
 from __future__ import annotations
 
 import json
-import socket
-import time
-
-import pytest
-import torch.multiprocessing as mp
 
 from helpers.data import write_mds
 from helpers.distributed import (
+    free_port,
     make_loader,
     map_dataset,
     run_steps,
     selection_worker,
+    spawn,
     streaming_worker,
 )
-
-TIMEOUT_S = 240
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(('127.0.0.1', 0))
-        return sock.getsockname()[1]
-
-
-def spawn(fn, world: int, *args) -> None:
-    """Runs ``fn(rank, world, *args)`` in ``world`` processes; fails (never hangs) on timeout."""
-    context = mp.start_processes(fn, args=(world, *args), nprocs=world, join=False,
-                                 start_method='spawn')
-    deadline = time.monotonic() + TIMEOUT_S
-    while not context.join(timeout=5):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f'distributed workers did not finish within {TIMEOUT_S} s')
 
 
 def _read(out_dir, world):

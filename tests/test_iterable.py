@@ -11,13 +11,12 @@ import torch
 from torch.utils.data import IterableDataset
 
 from helpers.data import features_and_labels
-from helpers.distributed import hugging_face_pool, iterable_worker
+from helpers.distributed import free_port, hugging_face_pool, iterable_worker, spawn
 from helpers.loops import sub_batch_ids
 from helpers.models import tiny_classifier
 from helpers.scorers import RecordingScorer
 from jest_stream import SelectiveLoader, SettingError, StateError, UnknownLengthError
 from jest_stream.policies import Schedule, SelectionPolicy
-from test_distributed import free_port, spawn
 
 pytest.importorskip('datasets')
 

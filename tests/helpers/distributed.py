@@ -1,4 +1,4 @@
-"""Entry points of the processes that the distributed tests spawn (gloo on the CPU)."""
+"""Spawning the ranks of the distributed tests, and their entry points (gloo on the CPU)."""
 
 from __future__ import annotations
 
@@ -6,20 +6,46 @@ import atexit
 import gc
 import json
 import os
+import socket
 import sys
+import time
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
 from torch.utils.data import TensorDataset
 
 from helpers.data import features_and_labels
 from helpers.loops import sub_batch_ids
 from helpers.models import tiny_classifier
 from jest_stream import ClassificationScorer, SelectiveLoader
+
+#: Seconds the spawned ranks of one test may take.
+TIMEOUT_S = 240
+
+
+def free_port() -> int:
+    """A TCP port free now on the loopback interface (for MASTER_PORT)."""
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        return sock.getsockname()[1]
+
+
+def spawn(fn, world: int, *args) -> None:
+    """Runs ``fn(rank, world, *args)`` in ``world`` processes; fails (never hangs) on timeout."""
+    context = mp.start_processes(fn, args=(world, *args), nprocs=world, join=False,
+                                 start_method='spawn')
+    deadline = time.monotonic() + TIMEOUT_S
+    while not context.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f'distributed workers did not finish within {TIMEOUT_S} s')
 
 
 @contextmanager
@@ -32,9 +58,9 @@ def process_group(rank: int, world: int, port: int) -> Iterator[None]:
     at a barrier instead, run the exit handlers (streaming's shared-memory clean-up among
     them) and leave with ``os._exit``.
     """
-    # torchrun-style environment: streaming reads the rank layout from it too.
+    # The launcher's environment (one node): streaming and Composer read the layout from it.
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      LOCAL_WORLD_SIZE=str(world), MASTER_ADDR='127.0.0.1',
+                      LOCAL_WORLD_SIZE=str(world), NODE_RANK='0', MASTER_ADDR='127.0.0.1',
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group('gloo', rank=rank, world_size=world)
