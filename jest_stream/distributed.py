@@ -13,6 +13,7 @@ examples, gathered from the ranks that hold them.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +26,8 @@ from jest_stream.errors import DataError
 from jest_stream.selection import BatchScores
 from jest_stream.step import Selection
 
-__all__ = ['CommStats', 'GlobalScope', 'all_gather_rows', 'device_for_collectives', 'exchange_rows',
+__all__ = ['CommStats', 'GlobalScope', 'all_gather_rows', 'average_over_ranks',
+           'broadcast_from_rank_zero', 'device_for_collectives', 'exchange_rows',
            'rank_and_world']
 
 
@@ -49,6 +51,24 @@ def device_for_collectives(tensor: Tensor) -> torch.device:
     needs device tensors), the tensor's own device otherwise (gloo works on the CPU)."""
     backend = dist.get_backend()
     return tensor.device if backend != 'nccl' else torch.device('cuda', torch.cuda.current_device())
+
+
+def broadcast_from_rank_zero(tensors: Iterable[Tensor]) -> None:
+    """Overwrites each tensor, in place, with rank 0's (every rank calls it, in one order)."""
+    for tensor in tensors:
+        shared = tensor.detach().to(device_for_collectives(tensor))
+        dist.broadcast(shared, src=0)
+        tensor.detach().copy_(shared)
+
+
+def average_over_ranks(tensors: Iterable[Tensor]) -> None:
+    """Replaces each tensor, in place, by its mean over the ranks, as DDP averages gradients
+    (every rank calls it, in one order)."""
+    world = dist.get_world_size()
+    for tensor in tensors:
+        total = tensor.detach().to(device_for_collectives(tensor))
+        dist.all_reduce(total)
+        tensor.detach().copy_(total.div_(world))
 
 
 def all_gather_rows(tensor: Tensor, stats: CommStats) -> Tensor:

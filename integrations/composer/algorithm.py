@@ -27,6 +27,7 @@ from jest_stream.batch import Batch, batch_length, check_key, read_sample_ids
 from jest_stream.checks import check_choice, check_int, check_number
 from jest_stream.config import SelectionConfig
 from jest_stream.criteria import Criterion
+from jest_stream.distributed import rank_and_world
 from jest_stream.errors import SettingError, SettingTypeError, StateError, UsageError
 from jest_stream.integrations.composer.models import call_model, unwrap_model
 from jest_stream.log import as_recorder
@@ -166,11 +167,17 @@ class JESTAlgorithm(Algorithm):
     assigned to ``scorer`` before training) is part of the checkpointed state: its weights,
     optimizer state and update count are saved with the algorithm's and restored on resume
     (when the scorer is built after the state is loaded, as a factory's is at ``FIT_START``,
-    the state waits and is applied as soon as the scorer exists).
+    the state waits and is applied as soon as the scorer exists). Under several ranks (DDP)
+    Composer checkpoints rank 0's state, which every rank loads on resume, so at
+    ``FIT_START`` such a scorer becomes one replica of a data-parallel one
+    (:meth:`~jest_stream.ProxyScorer.replicate_across_ranks`: rank 0's weights, then gradients
+    averaged over the ranks at every update), and every rank's proxy stays rank 0's.
 
     Raises:
         SettingError: A setting out of range, unknown or inconsistent with another.
-        SettingTypeError: A setting of the wrong type (bools are not numbers).
+        SettingTypeError: A setting of the wrong type (bools are not numbers); at
+            ``FIT_START`` under several ranks, a learning scorer without
+            ``replicate_across_ranks()``.
     """
 
     def __init__(self, *, filter_ratio: float | None = None, batch_size: int | None = None,
@@ -436,7 +443,23 @@ class JESTAlgorithm(Algorithm):
         if self.criterion.scores and self.scorer is None:
             self.scorer = self._build_scorer(state)
         self._apply_pending_scorer_state()
+        self._replicate_learning_scorer()
         self._step_ = None
+
+    def _replicate_learning_scorer(self) -> None:
+        """Under several ranks, keep a learning scorer the same on all of them: Composer
+        checkpoints rank 0's algorithm state, which every rank loads on resume."""
+        if not isinstance(self.scorer, LearningScorer) or rank_and_world()[1] == 1 \
+                or getattr(self.scorer, 'replicated', False):
+            return
+        replicate = getattr(self.scorer, 'replicate_across_ranks', None)
+        if replicate is None:
+            raise SettingTypeError(
+                f'{type(self.scorer).__name__} learns, and under {rank_and_world()[1]} ranks '
+                f'Composer checkpoints rank 0\'s state only, which every rank would load on '
+                f'resume: give the scorer a replicate_across_ranks() method that keeps its ranks '
+                f'identical (as ProxyScorer has), or train on one rank')
+        replicate()
 
     def _size(self, super_batch: int) -> SelectionConfig:
         """The configuration sized for super-batches of ``super_batch`` rows."""
