@@ -52,7 +52,8 @@ before=$(unused)
 status=$?
 leaked=$( (comm -13 <(echo "$before") <(unused); cat "${JEST_STREAM_SHM_LEFT:-/dev/null}"/* \
            2>/dev/null) | sed '/^$/d')
-locks=$(find "$TMPDIR/streaming" -type f 2>/dev/null)
+# streaming's lock files, in the temp dir and in the workers' own (scripts/private-shm.sh).
+locks=$(find "$TMPDIR/streaming" "$TMPDIR"/worker.*/streaming -type f 2>/dev/null)
 if [ -n "$leaked$locks" ]; then
     echo "The tests left streaming shared memory or lock files behind:" >&2
     [ -n "$leaked" ] && echo "$leaked" >&2
