@@ -13,22 +13,22 @@ examples, gathered from the ranks that hold them.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
+import torch.utils._pytree as pytree
 from torch import Tensor
 
 from jest_stream.batch import Batch, gather, map_columns
-from jest_stream.errors import DataError
+from jest_stream.errors import DataError, StateError
 from jest_stream.selection import BatchScores
 from jest_stream.step import Selection
 
-__all__ = ['CommStats', 'GlobalScope', 'all_gather_rows', 'average_over_ranks',
-           'broadcast_from_rank_zero', 'device_for_collectives', 'exchange_rows',
-           'rank_and_world']
+__all__ = ['CommStats', 'GlobalScope', 'RANKS', 'all_gather_rows', 'device_for_collectives',
+           'exchange_rows', 'gather_rank_states', 'own_rank_state', 'rank_and_world']
 
 
 @dataclass
@@ -53,22 +53,70 @@ def device_for_collectives(tensor: Tensor) -> torch.device:
     return tensor.device if backend != 'nccl' else torch.device('cuda', torch.cuda.current_device())
 
 
-def broadcast_from_rank_zero(tensors: Iterable[Tensor]) -> None:
-    """Overwrites each tensor, in place, with rank 0's (every rank calls it, in one order)."""
-    for tensor in tensors:
-        shared = tensor.detach().to(device_for_collectives(tensor))
-        dist.broadcast(shared, src=0)
-        tensor.detach().copy_(shared)
+#: The key of a state that holds every rank's (:func:`gather_rank_states`).
+RANKS = 'ranks'
 
 
-def average_over_ranks(tensors: Iterable[Tensor]) -> None:
-    """Replaces each tensor, in place, by its mean over the ranks, as DDP averages gradients
-    (every rank calls it, in one order)."""
-    world = dist.get_world_size()
-    for tensor in tensors:
-        total = tensor.detach().to(device_for_collectives(tensor))
-        dist.all_reduce(total)
-        tensor.detach().copy_(total.div_(world))
+def gather_rank_states(state: Any) -> Any:
+    """``state`` for a checkpoint that one rank writes for all: every rank's, in rank order.
+
+    Composer writes rank 0's algorithm and dataset states and every rank loads them, while
+    some of a rank's state is its own (a policy steered by the rank's scores, a proxy learning
+    from the rank's sub-batches, the rank's selection log). Every rank calls this together
+    (Composer asks every rank for its state before rank 0 writes); the wait is bounded by the
+    process group's timeout.
+
+    Returns:
+        ``state`` itself without a process group or with one rank; else
+        ``{'ranks': [state of rank 0, ..., state of rank w-1]}``.
+    """
+    world = rank_and_world()[1]
+    if world == 1:
+        return state
+    states: list[Any] = [None] * world
+    dist.all_gather_object(states, state)
+    return {RANKS: states}
+
+
+def own_rank_state(saved: Any, what: str) -> Any:
+    """This rank's state from :func:`gather_rank_states`'s result (other states pass through).
+
+    Saved on as many ranks, each rank takes its own. Saved on another number of ranks, the
+    states are taken only when all are equal (nothing per rank to split or merge).
+
+    Raises:
+        StateError: ``saved`` holds differing states of another number of ranks.
+    """
+    if not (isinstance(saved, dict) and set(saved) == {RANKS} and isinstance(saved[RANKS], list)
+            and saved[RANKS]):
+        return saved
+    states = saved[RANKS]
+    rank, world = rank_and_world()
+    if len(states) == world:
+        return states[rank]
+    if all(_equal(states[0], other) for other in states[1:]):
+        return states[0]
+    raise StateError(f'{what} was saved on {len(states)} ranks, each with a state of its own '
+                     f'(its policy, proxy or selection log), and cannot be split over '
+                     f'{world}: resume on {len(states)} ranks')
+
+
+def _equal(first: Any, second: Any) -> bool:
+    """Whether two states hold the same structure and values (tensors compared exactly)."""
+    leaves, spec = pytree.tree_flatten(first)
+    other_leaves, other_spec = pytree.tree_flatten(second)
+    if spec != other_spec:
+        return False
+    for a, b in zip(leaves, other_leaves, strict=True):
+        if isinstance(a, Tensor) or isinstance(b, Tensor):
+            same = isinstance(a, Tensor) and isinstance(b, Tensor) and torch.equal(a, b)
+        elif isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+            same = bool(np.array_equal(a, b))
+        else:
+            same = type(a) is type(b) and a == b
+        if not same:
+            return False
+    return True
 
 
 def all_gather_rows(tensor: Tensor, stats: CommStats) -> Tensor:

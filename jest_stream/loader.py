@@ -37,7 +37,7 @@ from jest_stream.batch import (
 from jest_stream.checks import check_bool, check_int
 from jest_stream.config import SelectionConfig, super_batch_size_for
 from jest_stream.criteria import Criterion
-from jest_stream.distributed import GlobalScope, rank_and_world
+from jest_stream.distributed import GlobalScope, gather_rank_states, own_rank_state, rank_and_world
 from jest_stream.errors import (
     SettingError,
     SettingTypeError,
@@ -72,7 +72,9 @@ class _LoaderPosition(IterableDataset):
     Frameworks that checkpoint ``train_dataloader.dataset`` (Composer does) call
     ``state_dict(num_samples, from_beginning)``; the sample count they pass counts
     selected samples, which would replay data, so it is ignored in favour of the
-    super-batches actually handed to the trainer.
+    super-batches actually handed to the trainer. Composer writes rank 0's answer alone, so
+    under several ranks the answer holds every rank's loader state (gathered: every rank
+    calls it together, as Composer does), and each rank loads its own.
     """
 
     def __init__(self, loader: SelectiveLoader) -> None:
@@ -85,11 +87,11 @@ class _LoaderPosition(IterableDataset):
             # A framework that checkpoints after the last batch of an epoch without having
             # ended the epoch (Composer when training stops there) still counts this epoch:
             # keep the position in it, so the epoch is not counted twice on resume.
-            return loader._state(loader._epoch, loader._consumed)
-        return loader.state_dict()
+            return gather_rank_states(loader._state(loader._epoch, loader._consumed))
+        return gather_rank_states(loader.state_dict())
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._loader.load_state_dict(state)
+        self._loader.load_state_dict(own_rank_state(state, "the SelectiveLoader's state"))
 
     def __iter__(self) -> Iterator[Any]:
         raise UsageError('iterate the SelectiveLoader, not its .dataset')

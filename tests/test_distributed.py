@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 import json
+
+import numpy as np
+import pytest
+import torch
 
 from helpers.data import write_mds
 from helpers.distributed import (
@@ -14,6 +19,8 @@ from helpers.distributed import (
     spawn,
     streaming_worker,
 )
+from jest_stream.distributed import own_rank_state
+from jest_stream.errors import StateError
 
 
 def _read(out_dir, world):
@@ -70,3 +77,16 @@ def test_streaming_ranks_draw_equal_numbers_of_super_batches(tmp_path):
             assert counts[0] == counts[1] == ranks[0]['len'], scope
         if scope == 'rank':
             assert all(len(ids) == 4 for r in ranks for ids in r['epochs'][0])
+
+
+def test_a_state_saved_on_several_ranks_resumes_on_another_number_only_when_all_agree():
+    same = {'version': 1, 'weights': torch.ones(3), 'counts': [1, 2], 'ids': np.arange(2)}
+    assert own_rank_state(same, 'state') is same  # one rank's: taken as it is
+    agreeing = {'ranks': [same, copy.deepcopy(same)]}
+    assert own_rank_state(agreeing, 'state') is agreeing['ranks'][0]  # on 1 rank, not 2
+    for key, other in (('weights', torch.tensor([1.0, 1.0, 2.0])), ('counts', [1, 3]),
+                       ('ids', np.arange(1, 3)), ('version', 1.0)):
+        differing = {'ranks': [same, {**same, key: other}]}
+        with pytest.raises(StateError, match=r'the loader state was saved on 2 ranks, each '
+                                             r'with a state of its own .* resume on 2 ranks'):
+            own_rank_state(differing, 'the loader state')

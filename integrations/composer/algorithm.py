@@ -27,7 +27,7 @@ from jest_stream.batch import Batch, batch_length, check_key, read_sample_ids
 from jest_stream.checks import check_choice, check_int, check_number
 from jest_stream.config import SelectionConfig
 from jest_stream.criteria import Criterion
-from jest_stream.distributed import rank_and_world
+from jest_stream.distributed import gather_rank_states, own_rank_state
 from jest_stream.errors import SettingError, SettingTypeError, StateError, UsageError
 from jest_stream.integrations.composer.models import call_model, unwrap_model
 from jest_stream.log import as_recorder
@@ -168,16 +168,12 @@ class JESTAlgorithm(Algorithm):
     optimizer state and update count are saved with the algorithm's and restored on resume
     (when the scorer is built after the state is loaded, as a factory's is at ``FIT_START``,
     the state waits and is applied as soon as the scorer exists). Under several ranks (DDP)
-    Composer checkpoints rank 0's state, which every rank loads on resume, so at
-    ``FIT_START`` such a scorer becomes one replica of a data-parallel one
-    (:meth:`~jest_stream.ProxyScorer.replicate_across_ranks`: rank 0's weights, then gradients
-    averaged over the ranks at every update), and every rank's proxy stays rank 0's.
+    each rank's proxy learns from that rank's sub-batches, and the checkpoint Composer writes
+    from rank 0 holds every rank's state (:meth:`state_dict`).
 
     Raises:
         SettingError: A setting out of range, unknown or inconsistent with another.
-        SettingTypeError: A setting of the wrong type (bools are not numbers); at
-            ``FIT_START`` under several ranks, a learning scorer without
-            ``replicate_across_ranks()``.
+        SettingTypeError: A setting of the wrong type (bools are not numbers).
     """
 
     def __init__(self, *, filter_ratio: float | None = None, batch_size: int | None = None,
@@ -305,14 +301,19 @@ class JESTAlgorithm(Algorithm):
         """Plain Python values: the seed, counters, the policy's state, a learning scorer's
         state (a ProxyScorer's weights, optimizer and updates; None for a scorer that does not
         learn) and the selection log's position (positions in the data come from the
-        timestamp). Writes every row of the selection log logged so far."""
-        return {'version': STATE_VERSION, 'seed': self.seed,
-                'batches_selected': self.batches_selected,
-                'batches_outside': self.batches_outside,
-                'samples_trained': self.samples_trained,
-                'policy': self.policy.state_dict(),
-                'scorer': self._scorer_state(),
-                'log': None if self.selection_log is None else self.selection_log.state_dict()}
+        timestamp). Writes every row of the selection log logged so far.
+
+        Under several ranks, every rank's state (``{'ranks': [...]}``, gathered from all
+        ranks, which Composer asks together): Composer writes rank 0's state alone, and the
+        policy's and the selection log's are each rank's own."""
+        return gather_rank_states({
+            'version': STATE_VERSION, 'seed': self.seed,
+            'batches_selected': self.batches_selected,
+            'batches_outside': self.batches_outside,
+            'samples_trained': self.samples_trained,
+            'policy': self.policy.state_dict(),
+            'scorer': self._scorer_state(),
+            'log': None if self.selection_log is None else self.selection_log.state_dict()})
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`, all of it or nothing; an explicit ``seed`` must match
@@ -321,14 +322,16 @@ class JESTAlgorithm(Algorithm):
         The fields are checked first; then the policy's, the scorer's and the selection log's
         states are loaded, each checking its own, and one that refuses puts back those loaded
         before it (the log, which may cut files, goes last). A scorer built later (by
-        ``scorer_factory`` at ``FIT_START``) gets its saved state as soon as it exists.
+        ``scorer_factory`` at ``FIT_START``) gets its saved state as soon as it exists. Each
+        rank takes its own of a state saved on several ranks.
 
         Raises:
             StateError: Another version, a missing or ill-typed field, another seed, a state
                 that does not fit the policy, the scorer or the selection log (another run's
                 folder), or a learning scorer's state for a scorer that does not learn (or
-                the reverse).
+                the reverse); differing ranks' states saved on another number of ranks.
         """
+        state = own_rank_state(state, 'the JESTAlgorithm state')
         saved = self._check_state(state)
         learner = [self.scorer] if isinstance(self.scorer, LearningScorer) else []
         pending = self._pending_scorer
@@ -443,23 +446,7 @@ class JESTAlgorithm(Algorithm):
         if self.criterion.scores and self.scorer is None:
             self.scorer = self._build_scorer(state)
         self._apply_pending_scorer_state()
-        self._replicate_learning_scorer()
         self._step_ = None
-
-    def _replicate_learning_scorer(self) -> None:
-        """Under several ranks, keep a learning scorer the same on all of them: Composer
-        checkpoints rank 0's algorithm state, which every rank loads on resume."""
-        if not isinstance(self.scorer, LearningScorer) or rank_and_world()[1] == 1 \
-                or getattr(self.scorer, 'replicated', False):
-            return
-        replicate = getattr(self.scorer, 'replicate_across_ranks', None)
-        if replicate is None:
-            raise SettingTypeError(
-                f'{type(self.scorer).__name__} learns, and under {rank_and_world()[1]} ranks '
-                f'Composer checkpoints rank 0\'s state only, which every rank would load on '
-                f'resume: give the scorer a replicate_across_ranks() method that keeps its ranks '
-                f'identical (as ProxyScorer has), or train on one rank')
-        replicate()
 
     def _size(self, super_batch: int) -> SelectionConfig:
         """The configuration sized for super-batches of ``super_batch`` rows."""

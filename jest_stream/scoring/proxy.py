@@ -26,15 +26,13 @@ from contextlib import nullcontext
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from jest_stream.batch import Batch, gather
 from jest_stream.checks import check_int
 from jest_stream.criteria import Criterion
-from jest_stream.distributed import average_over_ranks, broadcast_from_rank_zero
-from jest_stream.errors import SettingError, SettingTypeError, StateError, UsageError
+from jest_stream.errors import SettingError, SettingTypeError, StateError
 
 __all__ = ['ProxyScorer', 'PROXY_STATE_VERSION', 'DEFAULT_OPTIMIZER']
 
@@ -91,7 +89,6 @@ class ProxyScorer:
         self._optimizer: torch.optim.Optimizer | None = None
         self._pending: dict[str, Any] | None = None
         self.updates = 0
-        self.replicated = False
 
     def __call__(self, batch: Batch, sample_ids: Tensor, criterion: Criterion) -> Any:
         """Score with the proxy (the wrapped scorer's call)."""
@@ -110,26 +107,6 @@ class ProxyScorer:
                 self._pending = None
         return self._optimizer
 
-    def replicate_across_ranks(self) -> None:
-        """Make this proxy one replica of a data-parallel proxy, as DDP makes a model one.
-
-        Every rank of torch.distributed's default process group calls it at the same point
-        (``JESTAlgorithm`` does at ``FIT_START``). The ranks take rank 0's weights and buffers
-        now; from then on each update averages the proxy's gradients over the ranks before
-        the optimizer steps, and the buffers (batch-norm statistics) follow rank 0's after
-        it, DDP's rules. Every rank then holds the same proxy, learned from every rank's
-        selected sub-batch, so one rank's state (rank 0's, which Composer checkpoints) is
-        every rank's. Not for ``scoring='process'``: the scorer process is in no process group.
-
-        Raises:
-            UsageError: torch.distributed is not initialized.
-        """
-        if not (dist.is_available() and dist.is_initialized()):
-            raise UsageError('replicate_across_ranks() needs an initialized torch.distributed '
-                             'process group (every rank calls it)')
-        broadcast_from_rank_zero([*self.proxy.parameters(), *self.proxy.buffers()])
-        self.replicated = True
-
     def learn(self, batch: Batch, sample_ids: Tensor, rows: Tensor, *,
               count_flops: bool = False, seed: int | None = None) -> int | None:
         """Train the proxy on ``rows`` of the super-batch: the sub-batch just selected.
@@ -144,15 +121,7 @@ class ProxyScorer:
 
         Returns:
             int | None: The FLOPs of the training passes, when counted.
-
-        Raises:
-            UsageError: The proxy was made a replica (:meth:`replicate_across_ranks`) but
-                learns where no process group exists (in a scorer process).
         """
-        if self.replicated and not (dist.is_available() and dist.is_initialized()):
-            raise UsageError('this proxy averages its gradients over the ranks '
-                             '(replicate_across_ranks) but learns outside any process group, '
-                             'in a scorer process: use scoring="inline" for a replicated proxy')
         sub, ids = gather(batch, rows), sample_ids[rows.cpu()]
         training = self.proxy.training
         self.proxy.train()
@@ -164,12 +133,7 @@ class ProxyScorer:
                     self.optimizer.zero_grad(set_to_none=True)
                     loss = self.scorer.training_loss(self.proxy, sub, ids)
                     loss.backward()
-                    if self.replicated:
-                        average_over_ranks(p.grad for p in self.proxy.parameters()
-                                           if p.grad is not None)
                     self.optimizer.step()
-            if self.replicated:
-                broadcast_from_rank_zero(self.proxy.buffers())
         finally:
             self.proxy.train(training)
         self.updates += 1

@@ -13,8 +13,13 @@ from helpers.composer import DictClassifier, TrainedBatches
 from helpers.data import N_CLASSES, N_FEATURES, features_and_labels
 from helpers.distributed import process_group
 from helpers.models import tiny_classifier
-from jest_stream import ClassificationScorer, ProxyScorer
-from jest_stream.integrations.composer import JESTAlgorithm
+from jest_stream import (
+    AdaptivePressure,
+    ClassificationScorer,
+    ProxyScorer,
+    SelectionPolicy,
+    SelectiveLoader,
+)
 from jest_stream.integrations.composer.models import call_model
 
 # Per rank: super-batches of 50, sub-batches of 10, 6 steps in the first epoch.
@@ -35,7 +40,7 @@ class DictSamples(Dataset):
         return {'x': self.x[index], 'y': self.y[index], 'sample_id': index}
 
 
-def _proxy_factory(built: list, model) -> ProxyScorer:
+def _proxy(built: list) -> ProxyScorer:
     # The proxy's first weights come from torch's global generator, which Composer seeds
     # differently on each rank: the ranks start from different proxies.
     proxy = DictClassifier(torch.nn.Linear(N_FEATURES, N_CLASSES))
@@ -45,39 +50,57 @@ def _proxy_factory(built: list, model) -> ProxyScorer:
     return built[-1]
 
 
-def _run(out_dir: Path, load_path: str | None) -> dict:
+def _adaptive() -> SelectionPolicy:
+    # Steered by each rank's own learnability: the ranks' policy states differ.
+    return SelectionPolicy(adaptive=AdaptivePressure(window=2, min_learnability=0.0))
+
+
+def _run(out_dir: Path, path: str, load_path: str | None) -> dict:
+    """``STEPS`` batches on ``path`` ('algorithm': JESTAlgorithm over a DataLoader of
+    super-batches; 'loader': a SelectiveLoader with JESTLoaderCallback), a proxy learner and
+    adaptive pressure; a checkpoint after ``SAVE_AT`` unless resuming from ``load_path``."""
     from composer import Trainer
     from composer.utils import dist as composer_dist
 
+    from jest_stream.integrations.composer import JESTAlgorithm, JESTLoaderCallback
+
     dataset = DictSamples(N)
-    loader = DataLoader(dataset, batch_size=B,
-                        sampler=composer_dist.get_sampler(dataset, shuffle=True))
     built: list[ProxyScorer] = []
+    policy = _adaptive()
+    if path == 'algorithm':
+        loader = DataLoader(dataset, batch_size=B,
+                            sampler=composer_dist.get_sampler(dataset, shuffle=True))
+        extra = {'algorithms': [JESTAlgorithm(batch_size=SUB, n_chunks=2, policy=policy,
+                                              scorer_factory=lambda model: _proxy(built))]}
+    else:
+        loader = SelectiveLoader(dataset, batch_size=SUB, super_batch_size=B, n_chunks=2,
+                                 scorer=_proxy(built), policy=policy, seed=4)
+        extra = {'callbacks': [JESTLoaderCallback()]}
     trained = TrainedBatches()
-    saving = {} if load_path else {'save_folder': str(out_dir / 'ckpt'),
+    saving = {} if load_path else {'save_folder': str(out_dir / path),
                                     'save_interval': f'{SAVE_AT}ba',
                                     'save_filename': 'ba{batch}-rank{rank}.pt'}
     model = DictClassifier(tiny_classifier(0))
     trainer = Trainer(model=model, train_dataloader=loader, max_duration=f'{STEPS}ba',
                       optimizers=torch.optim.SGD(model.parameters(), lr=0.5),
-                      algorithms=[JESTAlgorithm(batch_size=SUB, n_chunks=2,
-                                                scorer_factory=functools.partial(
-                                                    _proxy_factory, built))],
-                      callbacks=[trained], device='cpu', seed=3, progress_bar=False,
-                      log_to_console=False, load_path=load_path, **saving)
+                      callbacks=[trained, *extra.pop('callbacks', [])], device='cpu', seed=3,
+                      progress_bar=False, log_to_console=False, load_path=load_path,
+                      **extra, **saving)
     trainer.fit()
     trainer.close()
     proxy = built[-1]
-    return {'ids': trained.ids, 'updates': proxy.updates,
+    return {'ids': trained.ids, 'updates': proxy.updates, 'policy': policy.state_dict(),
             'proxy': [p.detach().flatten().tolist() for p in proxy.proxy.parameters()]}
 
 
-def proxy_worker(rank: int, world: int, port: int, out_dir: Path) -> None:
-    """Trains ``STEPS`` batches with a proxy learner, saving Composer's checkpoint after
-    ``SAVE_AT``; then resumes a second trainer from it. Writes both runs' trained sample ids
-    and final proxy weights to ``rank<r>.json``."""
+def checkpoint_worker(rank: int, world: int, port: int, out_dir: Path) -> None:
+    """On each path, trains ``STEPS`` batches, saving Composer's checkpoint after
+    ``SAVE_AT``, then resumes a second trainer from it. Writes both runs' trained sample ids,
+    final proxy weights and policy states to ``rank<r>.json``."""
+    runs: dict[str, dict] = {}
     with process_group(rank, world, port):
-        whole = _run(out_dir, None)
-        resumed = _run(out_dir, str(out_dir / 'ckpt' / f'ba{SAVE_AT}-rank0.pt'))
-        (out_dir / f'rank{rank}.json').write_text(json.dumps({'whole': whole,
-                                                              'resumed': resumed}))
+        for path in ('algorithm', 'loader'):
+            runs[path] = {
+                'whole': _run(out_dir, path, None),
+                'resumed': _run(out_dir, path, str(out_dir / path / f'ba{SAVE_AT}-rank0.pt'))}
+        (out_dir / f'rank{rank}.json').write_text(json.dumps(runs))
