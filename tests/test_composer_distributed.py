@@ -1,5 +1,5 @@
 """Composer checkpoints under DDP, written by rank 0 for every rank: real trainers on two gloo
-ranks, with a proxy learner and adaptive pressure (each rank's own state)."""
+ranks, with a proxy learner, adaptive pressure and a selection log (each rank's own state)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from helpers.composer_ranks import SAVE_AT, STEPS, checkpoint_worker
+from helpers.composer_ranks import SAVE_AT, STEPS, B, checkpoint_worker
 from helpers.distributed import free_port, spawn
 
 
@@ -32,6 +32,9 @@ def test_every_rank_resumes_exactly_from_the_checkpoint_rank_0_writes(two_rank_r
         assert resumed['ids'] == whole['ids'][SAVE_AT:]
         _assert_same_proxy(resumed['proxy'], whole['proxy'])
         assert resumed['policy'] == whole['policy']
+        # The resumed run cut this rank's log back to the checkpoint and logged the rest again.
+        assert len(whole['log']['step']) == STEPS * B
+        assert resumed['log'] == whole['log']
     first, second = (rank[path]['whole'] for rank in two_rank_runs)
     # Each rank had a state of its own to resume: its proxy's and its policy's (its own
     # learnability); Composer wrote rank 0's checkpoint alone.

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
 from helpers.composer import DictClassifier, TrainedBatches
@@ -21,9 +22,12 @@ from jest_stream import (
     SelectiveLoader,
 )
 from jest_stream.integrations.composer.models import call_model
+from jest_stream.log import read_log
 
 # Per rank: super-batches of 50, sub-batches of 10, 6 steps in the first epoch.
 N, B, SUB, STEPS, SAVE_AT = 600, 50, 10, 6, 3
+#: The selection log's columns the tests compare.
+LOGGED = ['step', 'sample_id', 'candidate', 'selected', 'score']
 
 
 class DictSamples(Dataset):
@@ -67,14 +71,17 @@ def _run(out_dir: Path, path: str, load_path: str | None) -> dict:
     dataset = DictSamples(N)
     built: list[ProxyScorer] = []
     policy = _adaptive()
+    log = out_dir / path / 'log'  # each rank writes its own files
     if path == 'algorithm':
         loader = DataLoader(dataset, batch_size=B,
                             sampler=composer_dist.get_sampler(dataset, shuffle=True))
         extra = {'algorithms': [JESTAlgorithm(batch_size=SUB, n_chunks=2, policy=policy,
-                                              scorer_factory=lambda model: _proxy(built))]}
+                                              scorer_factory=lambda model: _proxy(built),
+                                              selection_log=log)]}
     else:
         loader = SelectiveLoader(dataset, batch_size=SUB, super_batch_size=B, n_chunks=2,
-                                 scorer=_proxy(built), policy=policy, seed=4)
+                                 scorer=_proxy(built), policy=policy, seed=4,
+                                 selection_log=log)
         extra = {'callbacks': [JESTLoaderCallback()]}
     trained = TrainedBatches()
     saving = {} if load_path else {'save_folder': str(out_dir / path),
@@ -88,15 +95,20 @@ def _run(out_dir: Path, path: str, load_path: str | None) -> dict:
                       **extra, **saving)
     trainer.fit()
     trainer.close()
+    if isinstance(loader, SelectiveLoader):
+        loader.close()  # writes the last rows of its selection log
     proxy = built[-1]
+    rows = read_log(log, ranks=[dist.get_rank()], columns=LOGGED).to_pydict()
     return {'ids': trained.ids, 'updates': proxy.updates, 'policy': policy.state_dict(),
-            'proxy': [p.detach().flatten().tolist() for p in proxy.proxy.parameters()]}
+            'proxy': [p.detach().flatten().tolist() for p in proxy.proxy.parameters()],
+            'log': rows}
 
 
 def checkpoint_worker(rank: int, world: int, port: int, out_dir: Path) -> None:
     """On each path, trains ``STEPS`` batches, saving Composer's checkpoint after
-    ``SAVE_AT``, then resumes a second trainer from it. Writes both runs' trained sample ids,
-    final proxy weights and policy states to ``rank<r>.json``."""
+    ``SAVE_AT``, then resumes a second trainer from it (its selection log cut back to the
+    checkpoint and written again). Writes both runs' trained sample ids, final proxy weights,
+    policy states and this rank's selection log rows to ``rank<r>.json``."""
     runs: dict[str, dict] = {}
     with process_group(rank, world, port):
         for path in ('algorithm', 'loader'):
