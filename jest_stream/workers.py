@@ -2,7 +2,7 @@
 
 On Linux, torch's default ``file_descriptor`` sharing strategy hands each tensor a worker
 produces to the main process through a Unix socket that multiprocessing binds in a folder
-under the temp dir: ``<tempdir>/pymp-XXXXXXXX/listener-XXXXXXXX``. A socket path may not
+under the temp dir: ``<tempdir>/pymp-<8 characters>/listener-<8 characters>``. A socket path may not
 exceed 107 bytes, so with a temp dir longer than 75 bytes every hand-over fails inside the
 worker's feeder thread: nothing reaches the main process, which waits until its timeout
 (forever without one) and then blames the worker. This check names the cause at once.
@@ -20,8 +20,8 @@ from jest_stream.errors import SettingError
 
 __all__ = ['MAX_TEMP_DIR_BYTES', 'check_worker_temp_dir']
 
-#: Longest temp dir (bytes) under which the sockets fit: 107 - len('/pymp-XXXXXXXX') -
-#: len('/listener-XXXXXXXX').
+#: Longest temp dir (bytes) under which the sockets fit: 107 bytes less ``/pymp-`` and
+#: ``/listener-`` with their 8 random characters each.
 MAX_TEMP_DIR_BYTES = 107 - 14 - 18
 
 
