@@ -62,9 +62,10 @@ def gather_rank_states(state: Any) -> Any:
 
     Composer writes rank 0's algorithm and dataset states and every rank loads them, while
     some of a rank's state is its own (a policy steered by the rank's scores, a proxy learning
-    from the rank's sub-batches, the rank's selection log). Every rank calls this together
-    (Composer asks every rank for its state before rank 0 writes); the wait is bounded by the
-    process group's timeout.
+    from the rank's sub-batches, the rank's selection log). A collective: every rank must call
+    it at once, as Composer does when it saves (a call on one rank alone waits until the
+    process group's timeout). Tensors are gathered as CPU copies, so no rank maps another's
+    GPU; each rank then holds every rank's state (``world`` times its own, in host memory).
 
     Returns:
         ``state`` itself without a process group or with one rank; else
@@ -74,7 +75,8 @@ def gather_rank_states(state: Any) -> Any:
     if world == 1:
         return state
     states: list[Any] = [None] * world
-    dist.all_gather_object(states, state)
+    dist.all_gather_object(states, pytree.tree_map_only(
+        Tensor, lambda tensor: tensor.detach().cpu(), state))
     return {RANKS: states}
 
 

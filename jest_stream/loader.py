@@ -73,8 +73,9 @@ class _LoaderPosition(IterableDataset):
     ``state_dict(num_samples, from_beginning)``; the sample count they pass counts
     selected samples, which would replay data, so it is ignored in favour of the
     super-batches actually handed to the trainer. Composer writes rank 0's answer alone, so
-    under several ranks the answer holds every rank's loader state (gathered: every rank
-    calls it together, as Composer does), and each rank loads its own.
+    under several ranks the answer holds every rank's loader state, and each rank loads its
+    own: ``state_dict`` is then a collective that every rank must call at once, as Composer
+    does when it saves (:func:`~jest_stream.distributed.gather_rank_states`).
     """
 
     def __init__(self, loader: SelectiveLoader) -> None:

@@ -303,9 +303,11 @@ class JESTAlgorithm(Algorithm):
         learn) and the selection log's position (positions in the data come from the
         timestamp). Writes every row of the selection log logged so far.
 
-        Under several ranks, every rank's state (``{'ranks': [...]}``, gathered from all
-        ranks, which Composer asks together): Composer writes rank 0's state alone, and the
-        policy's and the selection log's are each rank's own."""
+        Under several ranks, every rank's state (``{'ranks': [...]}``): Composer writes rank
+        0's state alone, and the policy's, the proxy's and the selection log's are each
+        rank's own. The call is then a collective (:func:`~jest_stream.distributed.
+        gather_rank_states`): every rank must make it at once, as Composer does when it
+        saves."""
         return gather_rank_states({
             'version': STATE_VERSION, 'seed': self.seed,
             'batches_selected': self.batches_selected,
