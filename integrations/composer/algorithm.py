@@ -305,9 +305,9 @@ class JESTAlgorithm(Algorithm):
 
         Under several ranks, every rank's state (``{'ranks': [...]}``): Composer writes rank
         0's state alone, and the policy's, the proxy's and the selection log's are each
-        rank's own. The call is then a collective (:func:`~jest_stream.distributed.
-        gather_rank_states`): every rank must make it at once, as Composer does when it
-        saves."""
+        rank's own. The call is then a collective
+        (:func:`~jest_stream.distributed.gather_rank_states`): every rank must make it at
+        once, as Composer does when it saves."""
         return gather_rank_states({
             'version': STATE_VERSION, 'seed': self.seed,
             'batches_selected': self.batches_selected,
