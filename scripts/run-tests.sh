@@ -30,21 +30,39 @@ for path in stale_shared_memory(): print(path.name)' | sort
 # Test workers (pytest-xdist): one a core, at most four, each with a /dev/shm of its own
 # (scripts/private-shm.sh), where the private namespace allows it; elsewhere the tests run one
 # after another, as workers sharing a /dev/shm would race for streaming's prefixes.
-# JEST_STREAM_TEST_WORKERS sets the number (1: no workers).
+# JEST_STREAM_TEST_WORKERS sets the number (1: no workers, e.g. to debug).
 workers=${JEST_STREAM_TEST_WORKERS:-$(nproc)}
+if ! [[ $workers =~ ^[1-9][0-9]*$ ]]; then
+    echo "JEST_STREAM_TEST_WORKERS=$workers must be a whole number >= 1" >&2
+    exit 2
+fi
 [ "$workers" -gt 4 ] && [ -z "${JEST_STREAM_TEST_WORKERS:-}" ] && workers=4
 if [ "$workers" -gt 1 ] && [ -z "${JEST_STREAM_TEST_NAMESPACE:-}" ]; then
     echo "Running the tests one after another: parallel workers need a private /dev/shm" \
          "each (root and util-linux's unshare)." >&2
     workers=1
 fi
+# pytest arguments that choose their own workers, or need a single process, run as given.
+previous=
+for arg in "$@"; do
+    case "$previous $arg" in
+        *' '-n*|*' '--numprocesses*|*' '--dist*|*' '--tx*|*' '-pno:xdist|'-p no:xdist' \
+                |*' '--pdb|*' '--trace|*' '--collect-only|*' '--co) workers=1 ;;
+    esac
+    previous=$arg
+done
 parallel=()
 if [ "$workers" -gt 1 ]; then
     export JEST_STREAM_SHM_LEFT=$private_tmp/shm-left
     mkdir "$JEST_STREAM_SHM_LEFT"
     here=$(cd "$(dirname "$0")" && pwd)
-    python=$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")
-    parallel=(--dist loadfile --tx "$workers*popen//python=bash $here/private-shm.sh $python")
+    case $PY in
+        */*) python=$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY") ;;
+        *) python=$(command -v "$PY") ;;
+    esac
+    # execnet splits the python= value as a shell would: quote each word.
+    command=$(printf '%q ' bash "$here/private-shm.sh" "$python")
+    parallel=(--dist loadfile --tx "$workers*popen//python=${command% }")
 fi
 
 before=$(unused)
