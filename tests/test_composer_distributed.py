@@ -8,8 +8,9 @@ import json
 import numpy as np
 import pytest
 
-from helpers.composer_ranks import SAVE_AT, STEPS, B, checkpoint_worker
+from helpers.composer_ranks import PROXY_SEED, SAVE_AT, STEPS, B, checkpoint_worker
 from helpers.distributed import free_port, spawn
+from helpers.models import tiny_classifier
 
 
 @pytest.fixture(scope='module')
@@ -34,6 +35,7 @@ def test_every_rank_resumes_exactly_from_the_checkpoint_rank_0_writes(two_rank_r
         assert resumed['policy'] == whole['policy']
         # The resumed run cut this rank's log back to the checkpoint and logged the rest again.
         assert len(whole['log']['step']) == STEPS * B
+        assert resumed['rows_logged'] == (STEPS - SAVE_AT) * B
         assert resumed['log'] == whole['log']
     first, second = (rank[path]['whole'] for rank in two_rank_runs)
     # Each rank had a state of its own to resume: its proxy's and its policy's (its own
@@ -43,5 +45,7 @@ def test_every_rank_resumes_exactly_from_the_checkpoint_rank_0_writes(two_rank_r
 
 @pytest.mark.parametrize('path', ['algorithm', 'loader'])
 def test_each_ranks_proxy_learns_from_its_own_sub_batches(two_rank_runs, path):
+    # Both ranks' proxies start from the same weights, and end apart.
+    start = [p.detach().flatten().tolist() for p in tiny_classifier(PROXY_SEED).parameters()]
     first, second = (rank[path]['whole']['proxy'] for rank in two_rank_runs)
-    assert any(a != b for a, b in zip(first, second, strict=True))
+    assert first != start and second != start and first != second

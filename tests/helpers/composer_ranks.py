@@ -11,7 +11,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
 from helpers.composer import DictClassifier, TrainedBatches
-from helpers.data import N_CLASSES, N_FEATURES, features_and_labels
+from helpers.data import features_and_labels
 from helpers.distributed import process_group
 from helpers.models import tiny_classifier
 from jest_stream import (
@@ -44,10 +44,12 @@ class DictSamples(Dataset):
         return {'x': self.x[index], 'y': self.y[index], 'sample_id': index}
 
 
+#: The proxy's first weights, the same on every rank.
+PROXY_SEED = 5
+
+
 def _proxy(built: list) -> ProxyScorer:
-    # The proxy's first weights come from torch's global generator, which Composer seeds
-    # differently on each rank: the ranks start from different proxies.
-    proxy = DictClassifier(torch.nn.Linear(N_FEATURES, N_CLASSES))
+    proxy = DictClassifier(tiny_classifier(PROXY_SEED))
     inner = ClassificationScorer(proxy, DictClassifier(tiny_classifier(1)), target_key='y',
                                  forward=call_model)
     built.append(ProxyScorer(inner, optimizer=functools.partial(torch.optim.SGD, lr=0.5)))
@@ -75,13 +77,15 @@ def _run(out_dir: Path, path: str, load_path: str | None) -> dict:
     if path == 'algorithm':
         loader = DataLoader(dataset, batch_size=B,
                             sampler=composer_dist.get_sampler(dataset, shuffle=True))
-        extra = {'algorithms': [JESTAlgorithm(batch_size=SUB, n_chunks=2, policy=policy,
-                                              scorer_factory=lambda model: _proxy(built),
-                                              selection_log=log)]}
+        algorithm = JESTAlgorithm(batch_size=SUB, n_chunks=2, policy=policy,
+                                  scorer_factory=lambda model: _proxy(built), selection_log=log)
+        recorder = algorithm.selection_log
+        extra = {'algorithms': [algorithm]}
     else:
         loader = SelectiveLoader(dataset, batch_size=SUB, super_batch_size=B, n_chunks=2,
                                  scorer=_proxy(built), policy=policy, seed=4,
                                  selection_log=log)
+        recorder = loader.selection_log
         extra = {'callbacks': [JESTLoaderCallback()]}
     trained = TrainedBatches()
     saving = {} if load_path else {'save_folder': str(out_dir / path),
@@ -101,7 +105,7 @@ def _run(out_dir: Path, path: str, load_path: str | None) -> dict:
     rows = read_log(log, ranks=[dist.get_rank()], columns=LOGGED).to_pydict()
     return {'ids': trained.ids, 'updates': proxy.updates, 'policy': policy.state_dict(),
             'proxy': [p.detach().flatten().tolist() for p in proxy.proxy.parameters()],
-            'log': rows}
+            'log': rows, 'rows_logged': recorder.stats['rows']}
 
 
 def checkpoint_worker(rank: int, world: int, port: int, out_dir: Path) -> None:
