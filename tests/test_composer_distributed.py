@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 
 from helpers.composer_ranks import PROXY_SEED, SAVE_AT, STEPS, B, checkpoint_worker
-from helpers.distributed import free_port, spawn
+from helpers.distributed import rendezvous, spawn
 from helpers.models import tiny_classifier
 
 
 @pytest.fixture(scope='module')
 def two_rank_runs(tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp('ranks')
-    spawn(checkpoint_worker, 2, free_port(), out)
+    spawn(checkpoint_worker, 2, rendezvous(out), out)
     return [json.loads((out / f'rank{r}.json').read_text()) for r in range(2)]
 
 

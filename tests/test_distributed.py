@@ -11,9 +11,9 @@ import torch
 
 from helpers.data import write_mds
 from helpers.distributed import (
-    free_port,
     make_loader,
     map_dataset,
+    rendezvous,
     run_steps,
     selection_worker,
     spawn,
@@ -28,7 +28,7 @@ def _read(out_dir, world):
 
 
 def test_global_selection_equals_one_process_over_the_concatenated_super_batch(tmp_path):
-    spawn(selection_worker, 2, free_port(), tmp_path, 'global', 6, None, True)
+    spawn(selection_worker, 2, rendezvous(tmp_path), tmp_path, 'global', 6, None, True)
     ranks = _read(tmp_path, 2)
     one = make_loader(map_dataset(130), world=1, global_super=40, global_batch=8,
                       scope='global', count_flops=True)
@@ -48,7 +48,7 @@ def test_global_selection_equals_one_process_over_the_concatenated_super_batch(t
 
 
 def test_global_scope_resumes_exactly_on_a_different_world_size(tmp_path):
-    spawn(selection_worker, 2, free_port(), tmp_path, 'global', 7, 3)
+    spawn(selection_worker, 2, rendezvous(tmp_path), tmp_path, 'global', 7, 3)
     ranks = _read(tmp_path, 2)
     resumed = make_loader(map_dataset(130), world=1, global_super=40, global_batch=8,
                           scope='global')
@@ -59,7 +59,7 @@ def test_global_scope_resumes_exactly_on_a_different_world_size(tmp_path):
 
 
 def test_rank_scope_selects_from_each_ranks_own_partition(tmp_path):
-    spawn(selection_worker, 2, free_port(), tmp_path, 'rank', 4, None)
+    spawn(selection_worker, 2, rendezvous(tmp_path), tmp_path, 'rank', 4, None)
     ranks = _read(tmp_path, 2)
     for step in range(4):
         assert len(ranks[0]['ids'][step]) == len(ranks[1]['ids'][step]) == 4
@@ -69,7 +69,7 @@ def test_rank_scope_selects_from_each_ranks_own_partition(tmp_path):
 
 def test_streaming_ranks_draw_equal_numbers_of_super_batches(tmp_path):
     mds = write_mds(tmp_path / 'mds', 103)
-    spawn(streaming_worker, 2, free_port(), tmp_path, str(mds))
+    spawn(streaming_worker, 2, rendezvous(tmp_path), tmp_path, str(mds))
     for scope in ('rank', 'global'):
         ranks = [r[scope] for r in _read(tmp_path, 2)]
         for epoch in range(2):

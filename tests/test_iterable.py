@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import IterableDataset
 
 from helpers.data import features_and_labels
-from helpers.distributed import free_port, hugging_face_pool, iterable_worker, spawn
+from helpers.distributed import hugging_face_pool, iterable_worker, rendezvous, spawn
 from helpers.loops import sub_batch_ids
 from helpers.models import tiny_classifier
 from helpers.scorers import RecordingScorer
@@ -110,7 +110,7 @@ def test_workers_and_mismatched_states_are_refused():
 
 
 def test_ranks_draw_equal_numbers_of_super_batches(tmp_path):
-    spawn(iterable_worker, 2, free_port(), tmp_path)
+    spawn(iterable_worker, 2, rendezvous(tmp_path), tmp_path)
     ranks = [json.loads((tmp_path / f'rank{r}.json').read_text()) for r in range(2)]
     for epoch in range(2):
         assert len(ranks[0]['epochs'][epoch]) == len(ranks[1]['epochs'][epoch]) > 0

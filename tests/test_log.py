@@ -11,10 +11,8 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,11 +20,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
 from helpers.data import features_and_labels, write_mds
+from helpers.distributed import rendezvous, spawn
 from helpers.models import tiny_classifier
 from jest_stream import (
     ClassificationScorer,
@@ -193,10 +191,10 @@ def test_streams_of_a_streaming_dataset_are_logged(tmp_path):
         assert rows['stream'][rows['selected']].mean() == pytest.approx(share)
 
 
-def _global_scope_worker(rank: int, world: int, port: int, folder: Path) -> None:
+def _global_scope_worker(rank: int, world: int, meeting: str, folder: Path) -> None:
     from helpers.distributed import make_loader, map_dataset, process_group, run_steps
 
-    with process_group(rank, world, port):
+    with process_group(rank, world, meeting):
         log = SelectionLog(folder / 'log', columns={'label': 1})
         loader = make_loader(map_dataset(130), world=world, global_super=40, global_batch=8,
                              scope='global', selection_log=log)
@@ -207,17 +205,7 @@ def _global_scope_worker(rank: int, world: int, port: int, folder: Path) -> None
 
 def test_each_rank_writes_its_own_files_under_torch_distributed(tmp_path):
     # Two gloo ranks, global selection: 8 of each step's 40 candidates (20 a rank) per rank.
-    with socket.socket() as sock:
-        sock.bind(('127.0.0.1', 0))
-        port = sock.getsockname()[1]
-    context = mp.start_processes(_global_scope_worker, args=(2, port, tmp_path), nprocs=2,
-                                 join=False, start_method='spawn')
-    deadline = time.monotonic() + 120
-    while not context.join(timeout=2):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail('the distributed workers did not finish within 120 s')
+    spawn(_global_scope_worker, 2, rendezvous(tmp_path), tmp_path)
     assert [(f.rank, f.first_step) for f in log_files(tmp_path / 'log')] == [(0, 0), (1, 0)]
     table = read_log(tmp_path / 'log')
     trained = [json.loads((tmp_path / f'ids{rank}.json').read_text()) for rank in (0, 1)]

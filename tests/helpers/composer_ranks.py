@@ -108,13 +108,13 @@ def _run(out_dir: Path, path: str, load_path: str | None) -> dict:
             'log': rows, 'rows_logged': recorder.stats['rows']}
 
 
-def checkpoint_worker(rank: int, world: int, port: int, out_dir: Path) -> None:
+def checkpoint_worker(rank: int, world: int, meeting: str, out_dir: Path) -> None:
     """On each path, trains ``STEPS`` batches, saving Composer's checkpoint after
     ``SAVE_AT``, then resumes a second trainer from it (its selection log cut back to the
     checkpoint and written again). Writes both runs' trained sample ids, final proxy weights,
     policy states and this rank's selection log rows to ``rank<r>.json``."""
     runs: dict[str, dict] = {}
-    with process_group(rank, world, port):
+    with process_group(rank, world, meeting):
         for path in ('algorithm', 'loader'):
             runs[path] = {
                 'whole': _run(out_dir, path, None),

@@ -6,10 +6,10 @@ import atexit
 import gc
 import json
 import os
-import socket
 import sys
 import time
 import traceback
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,11 +29,13 @@ from jest_stream import ClassificationScorer, SelectiveLoader
 TIMEOUT_S = 240
 
 
-def free_port() -> int:
-    """A TCP port free now on the loopback interface (for MASTER_PORT)."""
-    with socket.socket() as sock:
-        sock.bind(('127.0.0.1', 0))
-        return sock.getsockname()[1]
+def rendezvous(folder: Path) -> str:
+    """A new file in ``folder`` for the ranks to meet at (torch's file store).
+
+    A file, not a free TCP port: a port found free can be taken by another process (another
+    test worker's ranks) before rank 0 listens on it.
+    """
+    return str(folder / f'rendezvous-{uuid.uuid4().hex}')
 
 
 def spawn(fn, world: int, *args) -> None:
@@ -49,7 +51,7 @@ def spawn(fn, world: int, *args) -> None:
 
 
 @contextmanager
-def process_group(rank: int, world: int, port: int) -> Iterator[None]:
+def process_group(rank: int, world: int, meeting: str) -> Iterator[None]:
     """A gloo group for the body; the process ends when the body does (exit code 1 on error).
 
     The group is never destroyed: torch 2.7's gloo process group can deadlock in its
@@ -60,10 +62,10 @@ def process_group(rank: int, world: int, port: int) -> Iterator[None]:
     """
     # The launcher's environment (one node): streaming and Composer read the layout from it.
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      LOCAL_WORLD_SIZE=str(world), NODE_RANK='0', MASTER_ADDR='127.0.0.1',
-                      MASTER_PORT=str(port))
+                      LOCAL_WORLD_SIZE=str(world), NODE_RANK='0')
     torch.set_num_threads(1)
-    dist.init_process_group('gloo', rank=rank, world_size=world)
+    dist.init_process_group('gloo', init_method=f'file://{meeting}', rank=rank,
+                            world_size=world)
     code = 0
     try:
         yield
@@ -103,10 +105,10 @@ def run_steps(loader: SelectiveLoader, steps: int, save_at: int | None = None
     return sub_batch_ids(loader, steps, 2, after_step=save), states.get('saved')
 
 
-def selection_worker(rank: int, world: int, port: int, out_dir: Path, scope: str,
+def selection_worker(rank: int, world: int, meeting: str, out_dir: Path, scope: str,
                      steps: int, resume_at: int | None, count_flops: bool = False) -> None:
     """Runs ``steps`` steps (saving the loader state after ``resume_at``) and writes ids."""
-    with process_group(rank, world, port):
+    with process_group(rank, world, meeting):
         loader = make_loader(map_dataset(130), world=world, global_super=40, global_batch=8,
                              scope=scope, count_flops=count_flops)
         ids, state = run_steps(loader, steps, save_at=resume_at)
@@ -114,13 +116,13 @@ def selection_worker(rank: int, world: int, port: int, out_dir: Path, scope: str
         (out_dir / f'rank{rank}.json').write_text(json.dumps(record))
 
 
-def streaming_worker(rank: int, world: int, port: int, out_dir: Path, mds_dir: str) -> None:
+def streaming_worker(rank: int, world: int, meeting: str, out_dir: Path, mds_dir: str) -> None:
     """Two epochs over a streaming dataset whose size does not divide, in each selection
     scope (one process group for both): no rank may hang."""
     from jest_stream import SampleIdStreamingDataset
 
     out: dict[str, dict] = {}
-    with process_group(rank, world, port):
+    with process_group(rank, world, meeting):
         for scope in ('rank', 'global'):
             dataset = SampleIdStreamingDataset(local=mds_dir, batch_size=20, shuffle=True,
                                                shuffle_seed=3, num_canonical_nodes=1)
@@ -153,9 +155,9 @@ def hugging_face_pool(n: int, *, shards: int = 4):
         num_shards=shards)
 
 
-def iterable_worker(rank: int, world: int, port: int, out_dir: Path) -> None:
+def iterable_worker(rank: int, world: int, meeting: str, out_dir: Path) -> None:
     """Two epochs over an iterable dataset split by node with uneven parts: no rank hangs."""
-    with process_group(rank, world, port):
+    with process_group(rank, world, meeting):
         scorer = ClassificationScorer(tiny_classifier(0), tiny_classifier(1), input_key='x',
                                       target_key='y')
         # 7 shards over 2 ranks: the ranks' parts differ in size.
