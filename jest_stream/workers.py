@@ -7,7 +7,8 @@ may not exceed 107 bytes, so with a temp dir longer than 75 bytes every hand-ove
 the worker's feeder thread: nothing reaches the main process, which waits until its timeout
 (forever without one) and then blames the worker. This check names the cause at once. It
 measures the folder multiprocessing really uses (:func:`multiprocessing.util.get_temp_dir`,
-which forked workers inherit), so a Python that falls back to a shorter folder passes.
+which forked workers inherit; it creates the folder now, and multiprocessing removes it at
+exit), so a Python that falls back to a shorter folder passes.
 """
 
 from __future__ import annotations

@@ -10,7 +10,6 @@ import contextlib
 import math
 import multiprocessing
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -26,6 +25,7 @@ from torch.utils.data import get_worker_info
 
 from helpers.data import N_CLASSES, N_FEATURES, features_and_labels, write_mds
 from helpers.models import tiny_classifier
+from helpers.segments import segments_of
 from helpers.waits import wait_for
 from jest_stream import ClassificationScorer, ContrastiveScorer, SelectiveLoader
 from jest_stream.annotate import annotate
@@ -236,23 +236,6 @@ def test_cli_reports_bad_settings_in_one_line(tmp_path, mds_dir, capsys, args, m
     assert error.startswith('jest-stream: error:') and message in error
 
 
-def _segments_of(directory: Path) -> set[str]:
-    """Streaming's shared-memory segments of the datasets over ``directory``.
-
-    Each dataset's ``<prefix>_locals`` segment names its local folders; the other
-    segments of the same prefix belong to the same dataset.
-    """
-    prefixes = set()
-    for name in os.listdir('/dev/shm'):
-        match = re.fullmatch(r'(\d{6})_locals', name)
-        try:
-            if match and str(directory).encode() in Path('/dev/shm', name).read_bytes():
-                prefixes.add(match.group(1))
-        except FileNotFoundError:  # released meanwhile
-            continue
-    return {name for name in os.listdir('/dev/shm') if name[:6] in prefixes and name[6] == '_'}
-
-
 def test_cli_clears_stale_shared_memory_unless_told_not_to(tmp_path, mds_dir, monkeypatch):
     import jest_stream.shm
 
@@ -295,7 +278,7 @@ def test_sigkill_then_rerun_continues_and_matches_an_uninterrupted_run(tmp_path,
     # SIGKILL skips streaming's clean-up at exit. Remove exactly what the killed run left
     # (clean_stale_shared_memory would also clear the segments of other live processes,
     # and may already have cleared these).
-    for name in _segments_of(mds):
+    for name in segments_of(mds):
         Path('/dev/shm', name).unlink(missing_ok=True)
     finished = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns)
                 for p in (out / 'parts').glob('part-*.bin')}
@@ -311,7 +294,7 @@ def test_sigkill_then_rerun_continues_and_matches_an_uninterrupted_run(tmp_path,
         part = out / 'parts' / name
         assert (part.stat().st_ino, part.stat().st_mtime_ns) == identity
     assert not [p for p in (out / 'parts').iterdir() if not p.name.startswith('part-')]
-    assert not _segments_of(mds)  # the rerun released its own at exit
+    assert not segments_of(mds)  # the rerun released its own at exit
 
     whole = tmp_path / 'uninterrupted'
     annotate(out=whole, model=reference, transform_id='raw', local=mds, input_key='x',

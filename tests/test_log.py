@@ -26,6 +26,7 @@ from torch.utils.data import TensorDataset
 from helpers.data import features_and_labels, write_mds
 from helpers.distributed import rendezvous, spawn
 from helpers.models import tiny_classifier
+from helpers.segments import segments_of
 from jest_stream import (
     ClassificationScorer,
     MissingColumnError,
@@ -534,19 +535,6 @@ def test_a_resume_into_another_runs_folder_is_refused_and_older_states_resume(tm
         SelectionLog(tmp_path / 'mine').load_state_dict({**mine, 'run': 7})
 
 
-def _segments_of(directory: Path) -> set[str]:
-    """Streaming's shared-memory segments of the datasets over ``directory``."""
-    prefixes = set()
-    for name in os.listdir('/dev/shm'):
-        match = re.fullmatch(r'(\d{6})_locals', name)
-        try:
-            if match and str(directory).encode() in Path('/dev/shm', name).read_bytes():
-                prefixes.add(match.group(1))
-        except FileNotFoundError:
-            continue
-    return {name for name in os.listdir('/dev/shm') if name[:6] in prefixes and name[6] == '_'}
-
-
 def train(mds: str, log_dir: str, checkpoint: str, steps: int, kill_at: int) -> None:
     """The training job: checkpoints (model, optimizer, loader) every 5 steps; SIGKILLs
     itself after step ``kill_at`` (before that step's checkpoint)."""
@@ -598,7 +586,7 @@ def test_the_log_is_exact_across_a_sigkill_and_a_resume(tmp_path, child_tmpdir):
     job = subprocess.run([sys.executable, __file__, str(mds), str(killed),
                           str(tmp_path / 'ckpt.pt'), '16', '10'], env=env, cwd=REPO,
                          capture_output=True, text=True, timeout=120)
-    for name in _segments_of(mds):  # SIGKILL skipped streaming's clean-up
+    for name in segments_of(mds):  # SIGKILL skipped streaming's clean-up
         Path('/dev/shm', name).unlink(missing_ok=True)
     assert job.returncode == -signal.SIGKILL, job.stderr
     assert [f.first_step for f in log_files(killed)] == [0, 3, 6]

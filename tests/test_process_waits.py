@@ -22,6 +22,7 @@ from torch.utils.data import TensorDataset
 from helpers.data import features_and_labels
 from helpers.models import tiny_classifier
 from helpers.scorers import StopInLockScorer
+from helpers.waits import wait_for
 from jest_stream import SelectiveLoader
 from jest_stream.process import ScorerProcessError
 from jest_stream.process.client import _Outbox
@@ -160,11 +161,7 @@ def test_a_scorer_process_outlives_a_killed_trainer_by_one_super_batch_at_most(
     trainer = subprocess.Popen([sys.executable, str(script), mode, str(log), str(report)],
                                env=env, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 120
-        while not report.exists():
-            assert trainer.poll() is None, trainer.stderr.read().decode()
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        wait_for(report.exists, trainer, 120, 'the trainer reporting its scorer process')
         pid = json.loads(report.read_text())['scorer']
         if mode == 'busy':
             # Kill while the scorer process has just started a super-batch, with more queued.

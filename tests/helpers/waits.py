@@ -22,7 +22,7 @@ def wait_for(condition: Callable[[], bool], process: subprocess.Popen, seconds: 
     """Polls ``condition`` every 20 ms until it holds.
 
     Fails the test when ``process`` exits first, or when ``seconds`` pass; a process still
-    running then is killed with its whole group (it was started with
+    running then is killed, with its whole group when it leads one (started with
     ``start_new_session=True``), and the message ends with what it printed.
     """
     deadline = time.monotonic() + seconds
@@ -34,6 +34,7 @@ def wait_for(condition: Callable[[], bool], process: subprocess.Popen, seconds: 
             try:
                 os.killpg(process.pid, signal.SIGKILL)
             except ProcessLookupError:
-                pass
+                pass  # not a group leader: the process alone
+            process.kill()
             raise AssertionError(f'{what}: not within {seconds:g} s\n{_output(process)}')
         time.sleep(0.02)
